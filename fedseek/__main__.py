@@ -1,0 +1,3 @@
+from fedseek.platform.cli import main
+
+main()

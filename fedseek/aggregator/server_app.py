@@ -1,0 +1,161 @@
+"""Flower ServerApp: FedAvg over LoRA adapters with centralized evaluation on the global test set
+each round; saves the final adapter in PEFT format and writes report.json.
+
+`make_server_app(job, reporter)` is what `fedseek simulate` runs; the module-level `app` serves
+`flwr run` and reads the job from the run config (`[tool.flwr.app.config]`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from fedseek.aggregator.strategy import AdapterFedAvg
+from fedseek.clients.client_app import data_arguments
+from fedseek.config import JobConfig
+from fedseek.data.tasks import FederatedData, load_federated_data
+from fedseek.models.classifier import AdapterClassifier
+from fedseek.models.loading import base_model_bytes, base_model_hash, resolve_base
+from fedseek.models.lora import load_trainable_state, trainable_state
+
+
+class Reporter(Protocol):
+    def start(self, job: JobConfig, data: FederatedData, initial: dict) -> None: ...
+    def round(self, row: dict) -> None: ...
+    def finish(self, report: dict) -> None: ...
+
+
+class SilentReporter:
+    def start(self, job, data, initial):  # noqa: D102
+        pass
+
+    def round(self, row):  # noqa: D102
+        pass
+
+    def finish(self, report):  # noqa: D102
+        pass
+
+
+def _tensors(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.array(v.numpy())) for k, v in arrays.items()}
+
+
+def run_federation(grid: Grid, job: JobConfig, reporter: Reporter | None = None) -> dict:
+    """Run the whole job on `grid` and return the report (also written to `out/report.json`)."""
+    reporter = reporter or SilentReporter()
+    started = time.time()
+    data = load_federated_data(**data_arguments(job))
+    classifier = AdapterClassifier(job.federation.base_model, len(data.label_names), job.lora,
+                                   job.data.max_length)
+    test = classifier.encode(data.test.texts, data.test.labels)
+    initial_arrays = ArrayRecord({k: Array(v.numpy()) for k, v in trainable_state(classifier.model).items()})
+    initial = classifier.evaluate(test)
+    reporter.start(job, data, initial)
+    strategy = AdapterFedAvg(job.federation.institutions)
+    rows: list[dict] = []
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0:
+            return MetricRecord(initial)
+        load_trainable_state(classifier.model, _tensors(arrays))
+        evaluation = classifier.evaluate(test)
+        rows.append(_round_row(server_round, evaluation, strategy.round_log.get(server_round, []), started))
+        reporter.round(rows[-1])
+        return MetricRecord(evaluation)
+
+    train_config = ConfigRecord({**job.to_flat(), "label-names": list(data.label_names)})
+    result = strategy.start(grid=grid, initial_arrays=initial_arrays, num_rounds=job.federation.rounds,
+                            train_config=train_config, evaluate_fn=evaluate)
+    load_trainable_state(classifier.model, _tensors(result.arrays))
+    report = build_report(job, data, classifier, initial, rows, strategy.round_log, started)
+    reporter.finish(report)
+    return report
+
+
+def _round_row(server_round: int, evaluation: dict, clients: list[dict], started: float) -> dict:
+    return {"round": server_round, "accuracy": evaluation["accuracy"], "loss": evaluation["loss"],
+            "train_loss": float(np.mean([c["train_loss_last"] for c in clients])) if clients else math.nan,
+            "bytes_up": int(sum(c["bytes_up"] for c in clients)),
+            "epsilon": {c["institution"]: c.get("epsilon") for c in clients},
+            "elapsed_s": round(time.time() - started, 1)}
+
+
+def build_report(job: JobConfig, data: FederatedData, classifier: AdapterClassifier,
+                 initial: dict, rows: list[dict], round_log: dict[int, list[dict]], started: float) -> dict:
+    out = Path(job.federation.out)
+    adapter_dir = out / "adapter"
+    classifier.model.save_pretrained(adapter_dir)
+    (adapter_dir / "labels.json").write_text(json.dumps(data.label_names))
+    final_clients = {c["institution"]: c for c in round_log.get(max(round_log, default=0), [])}
+    dp = job.privacy.enabled
+    per_site = lambda key: {n: c.get(key) for n, c in final_clients.items()}  # noqa: E731
+    model = classifier.model
+    report = {
+        "task": data.task, "institutions": data.institutions,
+        "train_examples": {n: len(t) for n, t in zip(data.institutions, data.train)},
+        "test_examples": len(data.test), "num_labels": len(data.label_names),
+        "dp": dp, "initial_accuracy": initial["accuracy"], "initial_loss": initial["loss"],
+        "final_accuracy": rows[-1]["accuracy"] if rows else initial["accuracy"],
+        "final_loss": rows[-1]["loss"] if rows else initial["loss"], "rounds": rows,
+        "epsilon": per_site("epsilon") if dp else None,
+        "epsilon_rdp": per_site("epsilon_rdp") if dp else None,
+        "target_epsilon": job.privacy.target_epsilon if dp else None,
+        "delta": max(per_site("delta").values(), default=None),
+        "noise_multiplier": min(per_site("noise_multiplier").values(), default=None) if dp else 0.0,
+        "sampling_rate": max(per_site("sample_rate").values(), default=None),
+        "steps": int(max(per_site("steps").values(), default=0)),
+        "clip_norm": job.privacy.clip_norm if dp else None,
+        "lora_rank": job.lora.rank, "ffa": job.lora.ffa,
+        "adapter_bytes": sum(p.stat().st_size for p in adapter_dir.glob("*.safetensors")),
+        "bytes_up_per_round": int(np.mean([sum(c["bytes_up"] for c in v) for v in round_log.values()]))
+        if round_log else 0,
+        "base_model": str(resolve_base(job.federation.base_model)),
+        "base_model_sha256": base_model_hash(job.federation.base_model),
+        "base_model_bytes": base_model_bytes(job.federation.base_model),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "adapter_dir": str(adapter_dir), "wall_seconds": round(time.time() - started, 1),
+        "config": job.to_flat(),
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def make_server_app(job: JobConfig, reporter: Reporter | None = None) -> ServerApp:
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_federation(grid, job, reporter)
+
+    return server
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """`flwr run` entry: the run config keys are the `section.field` names of JobConfig, or the
+    short names of [tool.flwr.app.config]."""
+    run_federation(grid, job_from_run_config(dict(context.run_config)))
+
+
+RUN_CONFIG_ALIASES = {
+    "task": "data.task", "institutions": "federation.institutions",
+    "num-server-rounds": "federation.rounds", "local-steps": "optim.local_steps",
+    "epsilon": "privacy.target_epsilon", "dp": "privacy.enabled", "lora-rank": "lora.rank",
+    "seed": "federation.seed", "base-model": "federation.base_model", "out": "federation.out",
+}
+
+
+def job_from_run_config(run_config: dict) -> JobConfig:
+    flat = {RUN_CONFIG_ALIASES.get(k, k): v for k, v in run_config.items()}
+    return JobConfig.from_flat(flat)

@@ -1,0 +1,144 @@
+"""Local DP-LoRA training with Opacus DP-SGD.
+
+Each logical step draws a Poisson sample (every record independently with probability q), splits
+it into length-sorted physical chunks, accumulates per-sample clipped gradients over the chunks
+(Opacus virtual steps) and adds Gaussian noise once. Only trainable (LoRA + head) parameters get
+gradients. The privacy history (sigma, q, steps) is returned for the caller to persist: epsilon is
+always computed from the whole history of the job, never per round.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
+from torch import nn
+
+from fedseek.models.classifier import AdapterClassifier, EncodedTexts
+from fedseek.privacy.accountant import History, default_delta, epsilon, noise_for_budget
+
+
+@dataclass
+class PrivacySettings:
+    """Record-level DP of one institution for the whole job."""
+
+    enabled: bool = True
+    target_epsilon: float = 8.0  # budget for the whole job (all rounds)
+    delta: float | None = None  # None: min(1e-5, 1/N^1.1) for the institution's N records
+    noise_multiplier: float | None = None  # given sigma overrides the target-epsilon derivation
+    clip_norm: float = 0.5  # per-sample gradient clipping bound C
+
+
+@dataclass
+class OptimSettings:
+    """Local optimisation; the learning-rate schedule spans the whole job (all rounds)."""
+
+    local_steps: int = 12  # logical (noised) steps per round
+    batch_fraction: float = 0.125  # expected batch = q * N (large batches: lower noise per signal)
+    learning_rate: float = 5e-3
+    warmup_fraction: float = 0.05
+    schedule: str = "cosine"  # cosine | constant (both after linear warmup)
+    chunk_size: int = 256  # physical batch: bounds memory, not the math
+
+
+def learning_rate(settings: OptimSettings, step: int, total_steps: int) -> float:
+    """Linear warmup, then cosine decay to 10 % (or constant)."""
+    warmup = max(1, int(settings.warmup_fraction * total_steps))
+    if step < warmup:
+        return settings.learning_rate * (step + 1) / warmup
+    if settings.schedule == "constant":
+        return settings.learning_rate
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return settings.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@dataclass
+class RoundResult:
+    loss_before: float  # mean training loss of the first logical step
+    loss_after: float  # mean training loss of the last logical step
+    steps: int
+    sample_rate: float
+    noise_multiplier: float
+    delta: float
+    epsilon: float  # cumulative over the whole history, PRV
+    epsilon_rdp: float
+    history: History
+
+
+class LocalTrainer:
+    """One institution's trainer; holds the Opacus-wrapped model for the life of the process."""
+
+    def __init__(self, classifier: AdapterClassifier):
+        self.classifier = classifier
+        self.params = [p for p in classifier.model.parameters() if p.requires_grad]
+        self.private_module = GradSampleModule(classifier.model, batch_first=True, loss_reduction="mean")
+
+    def plan_noise(self, privacy: PrivacySettings, optim: OptimSettings, num_records: int,
+                   total_rounds: int, history: History) -> tuple[float, float, float]:
+        """(sigma, q, delta) so that the job's planned steps end exactly at the target epsilon."""
+        q = min(1.0, optim.batch_fraction)
+        delta = privacy.delta or default_delta(num_records)
+        if not privacy.enabled:
+            return 0.0, q, delta
+        if privacy.noise_multiplier is not None:
+            return privacy.noise_multiplier, q, delta
+        if history:  # sigma was fixed in the first round; keep it for the rest of the job
+            return history[-1][0], q, delta
+        return noise_for_budget(privacy.target_epsilon, delta, q, optim.local_steps * total_rounds), q, delta
+
+    def train_round(self, data: EncodedTexts, privacy: PrivacySettings, optim: OptimSettings,
+                    server_round: int, total_rounds: int, history: History, seed: int) -> RoundResult:
+        sigma, q, delta = self.plan_noise(privacy, optim, len(data), total_rounds, history)
+        rng = np.random.default_rng([seed, server_round])
+        torch.manual_seed(int(rng.integers(2**31)))
+        expected_batch = q * len(data)
+        base_optimizer = torch.optim.Adam(self.params, lr=optim.learning_rate)
+        optimizer = (DPOptimizer(base_optimizer, noise_multiplier=sigma, max_grad_norm=privacy.clip_norm,
+                                 expected_batch_size=max(1, round(expected_batch)))
+                     if privacy.enabled else base_optimizer)
+        module = self.private_module if privacy.enabled else self.classifier.model
+        total_steps = optim.local_steps * total_rounds
+        losses = []
+        self.classifier.model.train()
+        for local_step in range(optim.local_steps):
+            lr = learning_rate(optim, (server_round - 1) * optim.local_steps + local_step, total_steps)
+            for group in base_optimizer.param_groups:
+                group["lr"] = lr
+            sample = np.flatnonzero(rng.random(len(data)) < q)
+            if len(sample) == 0:
+                if privacy.enabled:
+                    self._noise_only_step(base_optimizer, sigma * privacy.clip_norm / expected_batch)
+                continue
+            chunks = AdapterClassifier._length_sorted_chunks(data.inputs, sample, optim.chunk_size)
+            step_loss = 0.0
+            for index, chunk in enumerate(chunks):
+                last = index == len(chunks) - 1
+                logits = self.classifier.logits(data, chunk, module)
+                loss = nn.functional.cross_entropy(logits, data.labels[chunk])
+                if not privacy.enabled:  # plain mean over the whole logical batch
+                    loss = loss * len(chunk) / len(sample)
+                loss.backward()
+                step_loss += loss.item() * (len(chunk) if privacy.enabled else len(sample))
+                if privacy.enabled and not last:
+                    optimizer.signal_skip_step(do_skip=True)
+                if privacy.enabled or last:
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            losses.append(step_loss / len(sample))
+        new_history = list(history) + ([(sigma, q, optim.local_steps)] if privacy.enabled else [])
+        return RoundResult(
+            loss_before=losses[0] if losses else math.nan, loss_after=losses[-1] if losses else math.nan,
+            steps=optim.local_steps, sample_rate=q, noise_multiplier=sigma, delta=delta,
+            epsilon=epsilon(new_history, delta) if privacy.enabled else math.inf,
+            epsilon_rdp=epsilon(new_history, delta, "rdp") if privacy.enabled else math.inf,
+            history=new_history)
+
+    def _noise_only_step(self, optimizer: torch.optim.Optimizer, std: float) -> None:
+        """An empty Poisson sample still releases a noised (zero-signal) update."""
+        for p in self.params:
+            p.grad = torch.normal(0.0, std, size=p.shape)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)

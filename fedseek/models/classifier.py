@@ -1,0 +1,124 @@
+"""A LoRA-adapted sequence classifier with a frozen-prefix cache.
+
+When LoRA adapts only the top N decoder layers, everything below them is frozen, so the hidden
+states entering the first adapted layer are a fixed function of the text: they are computed once
+per text (`encode`) and training/evaluation runs only the top layers. This keeps DP exact (the
+per-sample gradients are those of the full model) and cuts the cost of every step.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedseek.models.loading import load_classifier, load_tokenizer
+from fedseek.models.lora import LoraSettings, apply_lora
+
+
+@dataclass
+class EncodedTexts:
+    """Per-example model inputs: token ids, or cached hidden states of the frozen prefix."""
+
+    inputs: list[torch.Tensor]  # (length,) int64 ids or (length, hidden) float
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+
+def _decoder(model: nn.Module) -> nn.Module:
+    """The inner decoder (the module owning `layers` and `embed_tokens`)."""
+    for module in model.modules():
+        if isinstance(getattr(module, "layers", None), nn.ModuleList) and hasattr(module, "embed_tokens"):
+            return module
+    raise ValueError("model has no decoder with `layers` and `embed_tokens`")
+
+
+@contextmanager
+def _only_layers_from(decoder: nn.Module, first: int):
+    layers = decoder.layers
+    decoder.layers = nn.ModuleList(list(layers)[first:])
+    try:
+        yield
+    finally:
+        decoder.layers = layers
+
+
+class AdapterClassifier:
+    """Base model + LoRA adapter + head for one task, with batched inference and a prefix cache."""
+
+    def __init__(self, base: str | None, num_labels: int, lora: LoraSettings, max_length: int = 64):
+        self.tokenizer = load_tokenizer(base)
+        model = load_classifier(base, num_labels, self.tokenizer.pad_token_id)
+        layers = int(model.config.num_hidden_layers)
+        self.first_adapted = layers - lora.top_layers if 0 < lora.top_layers < layers else 0
+        self.model = apply_lora(model, lora)
+        self.decoder = _decoder(self.model)
+        self.max_length = max_length
+        self.num_labels = num_labels
+
+    # -- inputs -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, texts: list[str], labels, chunk: int = 256) -> EncodedTexts:
+        """Tokenize (and, with a frozen prefix, run it once) for every text."""
+        ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+        inputs = [torch.tensor(x, dtype=torch.long) for x in ids]
+        if self.first_adapted:
+            cached: list[torch.Tensor] = [None] * len(inputs)  # type: ignore[list-item]
+            was_training = self.model.training
+            self.model.eval()
+            for batch in self._length_sorted_chunks(inputs, np.arange(len(inputs)), chunk):
+                padded, mask = self._pad([inputs[i] for i in batch])
+                out = self.model.base_model.model.model(input_ids=padded, attention_mask=mask,
+                                                        output_hidden_states=True)
+                hidden = out.hidden_states[self.first_adapted]
+                for row, i in enumerate(batch):
+                    cached[i] = hidden[row, -len(inputs[i]):].clone()
+            self.model.train(was_training)
+            inputs = cached
+        return EncodedTexts(inputs, torch.as_tensor(np.asarray(labels), dtype=torch.long))
+
+    def _pad(self, items: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-pad ids (with the pad id) or hidden states (with zeros); mask marks real tokens."""
+        length = max(len(x) for x in items)
+        mask = torch.zeros(len(items), length, dtype=torch.long)
+        if items[0].dim() == 1:
+            out = torch.full((len(items), length), self.tokenizer.pad_token_id, dtype=torch.long)
+        else:
+            out = torch.zeros(len(items), length, items[0].shape[-1], dtype=items[0].dtype)
+        for row, x in enumerate(items):
+            out[row, length - len(x):] = x
+            mask[row, length - len(x):] = 1
+        return out, mask
+
+    @staticmethod
+    def _length_sorted_chunks(inputs, index: np.ndarray, chunk: int) -> list[np.ndarray]:
+        order = index[np.argsort([len(inputs[i]) for i in index], kind="stable")]
+        return [order[i:i + chunk] for i in range(0, len(order), chunk)]
+
+    # -- forward ------------------------------------------------------------------------------
+    def logits(self, data: EncodedTexts, index, module: nn.Module | None = None) -> torch.Tensor:
+        """Logits for `data.inputs[index]` (through `module`, e.g. an Opacus wrapper)."""
+        module = module or self.model
+        padded, mask = self._pad([data.inputs[i] for i in index])
+        if not self.first_adapted:
+            return module(input_ids=padded, attention_mask=mask).logits
+        with _only_layers_from(self.decoder, self.first_adapted):
+            return module(inputs_embeds=padded, attention_mask=mask).logits
+
+    @torch.no_grad()
+    def evaluate(self, data: EncodedTexts, chunk: int = 256) -> dict[str, float]:
+        """Accuracy and mean cross-entropy over all of `data`."""
+        was_training = self.model.training
+        self.model.eval()
+        correct, loss_sum = 0, 0.0
+        for batch in self._length_sorted_chunks(data.inputs, np.arange(len(data)), chunk):
+            logits = self.logits(data, batch)
+            labels = data.labels[batch]
+            loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+            correct += int((logits.argmax(-1) == labels).sum())
+        self.model.train(was_training)
+        return {"accuracy": correct / len(data), "loss": loss_sum / len(data)}

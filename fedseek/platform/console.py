@@ -1,0 +1,69 @@
+"""Live terminal output of a federated job: a progress bar over rounds and a per-round table
+(global accuracy, loss, cumulative epsilon per institution, bytes uploaded)."""
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+class RichReporter:
+    """Prints one table row per committed round as it happens."""
+
+    def __init__(self, console: Console | None = None):
+        self.console = console or Console()
+        self.progress: Progress | None = None
+        self.task_id = None
+        self.sites: list[str] = []
+
+    def start(self, job, data, initial) -> None:
+        self.sites = list(data.institutions)
+        dp = (f"DP on: target epsilon {job.privacy.target_epsilon:g} per institution, clip "
+              f"{job.privacy.clip_norm:g}" if job.privacy.enabled else "DP off (--no-dp)")
+        sizes = ", ".join(f"{n} {len(t)}" for n, t in zip(data.institutions, data.train))
+        self.console.print(f"[bold]FedSeek[/] task [cyan]{data.task}[/]: {len(data.label_names)} labels, "
+                           f"records {sizes}; global test {len(data.test)}")
+        self.console.print(f"{dp}; LoRA rank {job.lora.rank}{' (FFA)' if job.lora.ffa else ''}; "
+                           f"{job.federation.rounds} rounds x {job.optim.local_steps} local steps; "
+                           f"initial accuracy {initial['accuracy']:.1%}")
+        self._header()
+        self.progress = Progress(TextColumn("rounds"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                                 TimeElapsedColumn(), console=self.console, transient=True)
+        self.task_id = self.progress.add_task("rounds", total=job.federation.rounds)
+        self.progress.start()
+
+    def _columns(self) -> list[str]:
+        return ["round", "accuracy", "loss", *[f"eps {s}" for s in self.sites], "bytes up", "time"]
+
+    def _header(self) -> None:
+        table = Table(*self._columns(), show_edge=False, box=None, pad_edge=False)
+        self.console.print(table)
+
+    def round(self, row: dict) -> None:
+        table = Table(*self._columns(), show_header=False, show_edge=False, box=None, pad_edge=False)
+        eps = [row["epsilon"].get(s) for s in self.sites]
+        table.add_row(str(row["round"]), f"{row['accuracy']:.2%}", f"{row['loss']:.3f}",
+                      *["-" if e is None else f"{e:.2f}" for e in eps], _bytes(row["bytes_up"]),
+                      f"{row['elapsed_s']:.0f}s")
+        self.console.print(table)
+        if self.progress is not None:
+            self.progress.advance(self.task_id)
+
+    def finish(self, report: dict) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+        eps = report.get("epsilon")
+        spent = ", ".join(f"{k} {v:.2f}" for k, v in eps.items()) if eps else "n/a (no DP)"
+        self.console.print(f"[bold green]done[/] final accuracy {report['final_accuracy']:.2%} "
+                           f"(initial {report['initial_accuracy']:.2%}); epsilon spent: {spent} "
+                           f"at delta {report['delta']:.1e}")
+        self.console.print(f"adapter: {report['adapter_dir']} ({_bytes(report['adapter_bytes'])}); "
+                           f"report: {report['adapter_dir'].rsplit('/', 1)[0]}/report.json")

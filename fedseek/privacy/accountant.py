@@ -1,0 +1,85 @@
+"""Privacy accounting over a whole history of DP-SGD releases (pure math: no Flower/MLflow/SQL).
+
+A history is a list of `(noise_multiplier, sample_rate, steps)` entries, one per round (or Fisher
+pass). epsilon is always computed from the *entire* history, so it composes across rounds, jobs and
+restarts. PRV (Gopi et al. 2021) is the headline; RDP is reported alongside as a looser bound.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from functools import lru_cache
+
+from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
+
+History = list[tuple[float, float, int]]
+
+
+def default_delta(num_records: int) -> float:
+    """delta = min(1e-5, 1/N^1.1), the project convention (DESIGN.md section 2)."""
+    return min(1e-5, 1.0 / max(num_records, 1) ** 1.1)
+
+
+def _merge(history: Iterable[tuple[float, float, int]]) -> History:
+    """Merge consecutive entries with equal (sigma, q) so PRV composes them in one go."""
+    merged: History = []
+    for sigma, q, steps in history:
+        if steps <= 0:
+            continue
+        if merged and merged[-1][0] == sigma and merged[-1][1] == q:
+            merged[-1] = (sigma, q, merged[-1][2] + int(steps))
+        else:
+            merged.append((float(sigma), float(q), int(steps)))
+    return merged
+
+
+def epsilon(history: Iterable[tuple[float, float, int]], delta: float, method: str = "prv") -> float:
+    """epsilon at `delta` after every release in `history` (0.0 for an empty history)."""
+    entries = _merge(history)
+    if not entries:
+        return 0.0
+    if any(sigma <= 0 for sigma, _, _ in entries):
+        return math.inf
+    if method == "rdp":
+        accountant = RDPAccountant()
+        accountant.history = entries
+        return float(accountant.get_epsilon(delta))
+    if method != "prv":
+        raise ValueError(f"unknown accountant {method!r}; use 'prv' or 'rdp'")
+    accountant = PRVAccountant()
+    accountant.history = entries
+    return float(accountant.get_epsilon(delta, eps_error=0.001))
+
+
+@lru_cache(maxsize=64)
+def _fresh_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                      sample_rate=sample_rate, steps=steps, accountant="prv",
+                                      epsilon_tolerance=0.005))
+
+
+def noise_for_budget(target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                     spent: Iterable[tuple[float, float, int]] = ()) -> float:
+    """Smallest noise multiplier such that `spent` followed by `steps` steps at `sample_rate`
+    stays within `target_epsilon` (PRV). Raises ValueError if the budget is already gone."""
+    spent = list(spent)
+    if epsilon(spent, delta) >= target_epsilon:
+        raise ValueError(f"privacy budget epsilon={target_epsilon} is already spent "
+                         f"({epsilon(spent, delta):.3f} at delta={delta:g})")
+    if not spent:
+        return _fresh_noise(float(target_epsilon), float(delta), float(sample_rate), int(steps))
+    low, high = 0.3, 2.0
+    while epsilon(spent + [(high, sample_rate, steps)], delta) > target_epsilon:
+        low, high = high, high * 2
+        if high > 1e4:
+            raise ValueError("no noise multiplier fits the remaining budget")
+    for _ in range(30):  # bisection on sigma: epsilon decreases monotonically in sigma
+        mid = (low + high) / 2
+        if epsilon(spent + [(mid, sample_rate, steps)], delta) > target_epsilon:
+            low = mid
+        else:
+            high = mid
+        if high - low < 1e-3:
+            break
+    return high
