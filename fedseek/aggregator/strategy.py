@@ -3,13 +3,14 @@ per-round, per-institution log (examples, loss, cumulative epsilon, bytes upload
 from __future__ import annotations
 
 from collections.abc import Iterable
-from logging import WARNING
+import logging
 
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
-from flwr.common.logger import log
 from flwr.serverapp.strategy import FedAvg
 
 from fedseek.aggregator.aggregation import weighted_average
+
+logger = logging.getLogger("fedseek")
 
 
 class AdapterFedAvg(FedAvg):
@@ -24,8 +25,8 @@ class AdapterFedAvg(FedAvg):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         valid, failed = self._check_and_log_replies(replies, is_train=True)
         for msg in failed:
-            log(WARNING, "round %s: node %s failed: %s", server_round, msg.metadata.src_node_id,
-                msg.error.reason)
+            logger.warning("round %s: node %s failed: %s", server_round, msg.metadata.src_node_id,
+                           msg.error.reason)
         if not valid:
             reasons = "; ".join(m.error.reason for m in failed) or "no replies"
             raise RuntimeError(f"round {server_round}: no institution returned an update ({reasons})")

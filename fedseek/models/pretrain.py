@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedseek.data.tasks import public_pretraining_texts
+from fedseek.data.tasks import PUBLIC_FRACTION, public_pretraining_texts
 
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>"]
 BLOCK = 128
@@ -84,7 +84,9 @@ def pretrain(out: Path, minutes: float, vocab_size: int = 4096, seed: int = 0,
     short = [t for t in train_texts if len(t) < 300]  # banking queries: the default task's domain
     train_ids = encode(train_texts) + encode(short) * (banking_repeats - 1)
     held_blocks = _blocks(encode(held_texts))
-    model = DeepseekV3ForCausalLM(embedded_config(len(tokenizer)))
+    config = embedded_config(len(tokenizer))
+    config.attention_dropout = 0.1  # regularises pretraining only; fine-tuning runs without it
+    model = DeepseekV3ForCausalLM(config)
     params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1)
     deadline, start = time.time() + minutes * 60, time.time()
@@ -116,15 +118,54 @@ def pretrain(out: Path, minutes: float, vocab_size: int = 4096, seed: int = 0,
                 if time.time() > deadline or patience >= 3:
                     break
     model.load_state_dict(best_state)
+    model.config.attention_dropout = 0.0
     out.mkdir(parents=True, exist_ok=True)
     model.half().save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     stats = {"parameters": params, "vocab_size": len(tokenizer), "steps": step,
              "train_tokens": int(sum(map(len, train_ids))), "heldout_tokens": int(held_blocks.numel()),
              "heldout_loss": best, "heldout_perplexity": math.exp(best), "documents": len(texts),
-             "minutes": round((time.time() - start) / 60, 1), "history": history}
+             "minutes": round((time.time() - start) / 60, 1), "banking_repeats": banking_repeats,
+             "history": history}
     (out / "pretraining.json").write_text(json.dumps(stats, indent=1))
+    write_model_card(out, stats, config)
     return stats
+
+
+def write_model_card(out: Path, stats: dict, config) -> None:
+    (out / "MODEL_CARD.md").write_text(f"""# fedseek-tiny-v3 (embedded default base model)
+
+A small **DeepSeek-V3-architecture** causal language model (`DeepseekV3ForCausalLM`, transformers
+5.23): Multi-head Latent Attention (q_lora_rank {config.q_lora_rank}, kv_lora_rank
+{config.kv_lora_rank}, {config.num_attention_heads} heads) and Mixture-of-Experts
+({config.n_routed_experts} routed experts, top-{config.num_experts_per_tok}, {config.n_shared_experts} shared
+expert, the first {config.first_k_dense_replace} layer dense); {config.num_hidden_layers} layers, hidden size
+{config.hidden_size}, **{stats['parameters']:,} parameters**, tied embeddings, stored as fp16 safetensors.
+Its byte-level BPE tokenizer ({stats['vocab_size']:,} tokens) was trained on the same text.
+
+## How it was made
+`python -m fedseek.models.pretrain` (this repository) on {date.today()}, on CPU:
+- **Text**: the public slice of the shipped data, `fedseek.data.tasks.public_pretraining_texts()`:
+  {int(PUBLIC_FRACTION * 100)} % of banking77's training queries (stratified, seed 0) and {int(PUBLIC_FRACTION * 100)} % of
+  medical_abstracts (stratified, seed 0), minus any text that also occurs in an institution's split or a
+  test set. No institution's records and no test record were seen. {stats['documents']:,} documents;
+  5 % of them held out for early stopping.
+- **Objective**: next-token prediction on {BLOCK}-token blocks; short banking queries repeated
+  {stats.get('banking_repeats', 3)}x per epoch (the default task's domain); AdamW lr 2e-3, 200-step warmup,
+  weight decay 0.1, attention dropout 0.1 (set to 0 in the saved config), gradient clipping 1.0.
+- **Early stopping** on held-out loss (checked every 100 steps, patience 3); best weights kept.
+- {stats['steps']:,} steps, {stats['minutes']} minutes; {stats['train_tokens']:,} training tokens per epoch.
+
+## Result
+Held-out loss **{stats['heldout_loss']:.3f}**, perplexity **{stats['heldout_perplexity']:.1f}** on
+{stats['heldout_tokens']:,} held-out tokens. It is a tiny model trained on little text: it gives FedSeek
+a base that has learned real language statistics of its domains, so that federated LoRA fine-tuning
+can be demonstrated and tested on a laptop. For real work load a DeepSeek checkpoint with `--base-model`.
+
+## Licence of the training text
+banking77: CC BY 4.0 (Casanueva et al. 2020); medical_abstracts: CC BY-SA 3.0 (Schopf, Braun &
+Matthes 2023). See `fedseek/data/shipped/*/LICENSE` and `SOURCE.txt`.
+""")
 
 
 def main() -> None:

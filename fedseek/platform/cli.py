@@ -13,7 +13,7 @@ app = typer.Typer(help="FedSeek: federated, differentially private LoRA fine-tun
                        "models across institutions that never share their records.",
                   no_args_is_help=True, add_completion=False)
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True, highlight=False)
 
 
 class Partition(str, Enum):
@@ -57,6 +57,9 @@ def simulate(
     verbose: bool = typer.Option(False, help="Show Flower/Ray logs."),
 ) -> None:
     """Run a federation of simulated institutions (Flower simulation engine, Ray backend)."""
+    from fedseek.platform.simulation import quiet_environment
+
+    quiet_environment()
     from fedseek.config import DataSettings, FederationSettings, JobConfig
     from fedseek.clients.dp_trainer import OptimSettings, PrivacySettings
     from fedseek.data.loader import DataError

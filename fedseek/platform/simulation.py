@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 
 from fedseek.config import JobConfig
 
@@ -39,6 +40,9 @@ def quiet_environment() -> None:
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
 def simulate(job: JobConfig, reporter=None, cpus_per_client: float | None = None,
@@ -51,7 +55,7 @@ def simulate(job: JobConfig, reporter=None, cpus_per_client: float | None = None
     from fedseek.clients.client_app import app as client_app
 
     if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+        logging.getLogger("flwr").setLevel(logging.ERROR)
     capture = _Capture(reporter)
     cpus = cpus_per_client or float(os.cpu_count() or 1)
     run_simulation(

@@ -1,0 +1,1 @@
+"""Continual learning across data periods (EWC, Fisher, CL metrics)."""
