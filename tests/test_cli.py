@@ -17,7 +17,7 @@ def fedseek(*args: str) -> subprocess.CompletedProcess:
     ("text,label\nhello,a\n,b\n", [], "notes.csv:3: empty 'text'"),
     ("words,label\nhello,a\n", [], "column 'text' (--text-column) not found"),
     (b"text,label\nfine,a\nbad \xff byte,b\n", [], "notes.csv:3: not valid UTF-8"),
-    ("text,label\n" + "x,a\n" * 30, ["--lora-targets", "query_key_value"], "match no linear layer"),
+    ("text,label\n" + "x,a\n" * 60, ["--lora-targets", "query_key_value"], "match no linear layer"),
 ])
 def test_bad_input_is_refused_with_file_and_line(tmp_path, content, args, message):
     path = tmp_path / "notes.csv"

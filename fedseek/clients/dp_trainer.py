@@ -29,7 +29,7 @@ class PrivacySettings:
     target_epsilon: float = 8.0  # budget for the whole job (all rounds)
     delta: float | None = None  # None: min(1e-5, 1/N^1.1) for the institution's N records
     noise_multiplier: float | None = None  # given sigma overrides the target-epsilon derivation
-    clip_norm: float = 0.5  # per-sample gradient clipping bound C
+    clip_norm: float = 1.0  # per-sample gradient clipping bound C
 
 
 @dataclass
@@ -38,7 +38,7 @@ class OptimSettings:
 
     local_steps: int = 12  # logical (noised) steps per round
     batch_fraction: float = 0.125  # expected batch = q * N (large batches: lower noise per signal)
-    learning_rate: float = 5e-3
+    learning_rate: float = 2e-2  # high for DP: noisy Adam steps need it (BENCHMARKS.md sweep)
     warmup_fraction: float = 0.05
     schedule: str = "cosine"  # cosine | constant (both after linear warmup)
     chunk_size: int = 256  # physical batch: bounds memory, not the math
@@ -99,7 +99,10 @@ class LocalTrainer:
         optimizer = (DPOptimizer(base_optimizer, noise_multiplier=sigma, max_grad_norm=privacy.clip_norm,
                                  expected_batch_size=max(1, round(expected_batch)))
                      if privacy.enabled else base_optimizer)
-        module = self.private_module if privacy.enabled else self.classifier.model
+        if privacy.enabled:  # per-sample gradient hooks cost time; only DP needs them
+            self.private_module.enable_hooks()
+        else:
+            self.private_module.disable_hooks()
         total_steps = optim.local_steps * total_rounds
         losses = []
         self.classifier.model.train()
@@ -116,7 +119,7 @@ class LocalTrainer:
             step_loss = 0.0
             for index, chunk in enumerate(chunks):
                 last = index == len(chunks) - 1
-                logits = self.classifier.logits(data, chunk, module)
+                logits = self.classifier.logits(data, chunk)
                 loss = nn.functional.cross_entropy(logits, data.labels[chunk])
                 if not privacy.enabled:  # plain mean over the whole logical batch
                     loss = loss * len(chunk) / len(sample)

@@ -29,7 +29,8 @@ def partition(labels: np.ndarray, institutions: int, scheme: str = "iid", alpha:
         raise ValueError("institutions must be >= 1")
     n = len(labels)
     if n < institutions * min_size:
-        raise ValueError(f"{n} rows cannot give {institutions} institutions {min_size} rows each")
+        raise ValueError(f"{n} rows cannot give {institutions} institutions {min_size} rows each; "
+                         "lower --institutions or add data")
     rng = np.random.default_rng(seed)
     if scheme == "iid":
         return [np.sort(part) for part in np.array_split(rng.permutation(n), institutions)]

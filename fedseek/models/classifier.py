@@ -47,6 +47,25 @@ def _only_layers_from(decoder: nn.Module, first: int):
         decoder.layers = layers
 
 
+def pooled_logits(model: nn.Module, attention_mask: torch.Tensor, **inputs) -> torch.Tensor:
+    """Classification logits of a (PEFT-wrapped) `*ForSequenceClassification` model from the mean
+    of its final hidden states over real tokens. Mean pooling suits small causal LMs (whose last
+    position is trained to predict the next document) and DP training far better than the stock
+    last-token pooling; this function works on a model loaded with stock `PeftModel.from_pretrained`.
+    """
+    hidden = _decoder(model)(attention_mask=attention_mask, **inputs).last_hidden_state
+    weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+    return _head(model)(pooled)
+
+
+def _head(model: nn.Module) -> nn.Module:
+    for name, module in model.named_modules():
+        if name.endswith("score") and hasattr(module, "forward"):
+            return module
+    raise ValueError("model has no `score` classification head")
+
+
 class AdapterClassifier:
     """Base model + LoRA adapter + head for one task, with batched inference and a prefix cache."""
 
@@ -100,14 +119,13 @@ class AdapterClassifier:
         return [order[i:i + chunk] for i in range(0, len(order), chunk)]
 
     # -- forward ------------------------------------------------------------------------------
-    def logits(self, data: EncodedTexts, index, module: nn.Module | None = None) -> torch.Tensor:
-        """Logits for `data.inputs[index]` (through `module`, e.g. an Opacus wrapper)."""
-        module = module or self.model
+    def logits(self, data: EncodedTexts, index) -> torch.Tensor:
+        """Logits for `data.inputs[index]`: the head applied to mean-pooled final hidden states."""
         padded, mask = self._pad([data.inputs[i] for i in index])
         if not self.first_adapted:
-            return module(input_ids=padded, attention_mask=mask).logits
+            return pooled_logits(self.model, input_ids=padded, attention_mask=mask)
         with _only_layers_from(self.decoder, self.first_adapted):
-            return module(inputs_embeds=padded, attention_mask=mask).logits
+            return pooled_logits(self.model, inputs_embeds=padded, attention_mask=mask)
 
     @torch.no_grad()
     def evaluate(self, data: EncodedTexts, chunk: int = 256) -> dict[str, float]:

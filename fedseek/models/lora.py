@@ -34,7 +34,7 @@ class LoraSettings:
     rank: int = 16
     alpha: float = 32.0
     targets: str = "attention"  # preset name, or comma-separated module names
-    top_layers: int = 0  # adapt only the last N decoder layers (0 = all); lower layers stay frozen
+    top_layers: int = 1  # adapt only the last N decoder layers (0 = all); lower layers stay frozen
     ffa: bool = False  # FFA-LoRA: A frozen at its seeded init, only B (+ head) trained and sent
     seed: int = 0  # shared seed: identical A matrices at every institution
     extra_trainable: list[str] = field(default_factory=lambda: ["score"])  # task head

@@ -12,7 +12,7 @@ from rich.console import Console
 app = typer.Typer(help="FedSeek: federated, differentially private LoRA fine-tuning of DeepSeek "
                        "models across institutions that never share their records.",
                   no_args_is_help=True, add_completion=False)
-console = Console()
+console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True, highlight=False)
 
 
@@ -38,17 +38,17 @@ def simulate(
     rounds: int = typer.Option(5, min=1, help="Federated rounds."),
     local_steps: int = typer.Option(12, min=1, help="DP-SGD steps per institution per round."),
     batch_fraction: float = typer.Option(0.125, min=1e-4, max=1.0, help="Poisson sampling rate q (expected batch = q*N)."),
-    learning_rate: float = typer.Option(5e-3, min=0.0, help="Peak Adam learning rate (warmup, then cosine)."),
+    learning_rate: float = typer.Option(2e-2, min=0.0, help="Peak Adam learning rate (warmup, then cosine)."),
     epsilon: float = typer.Option(8.0, min=0.01, help="Privacy budget per institution for the whole job."),
     delta: float = typer.Option(None, help="delta (default min(1e-5, 1/N^1.1) per institution)."),
     noise_multiplier: float = typer.Option(None, help="Give sigma directly instead of deriving it from --epsilon."),
-    clip_norm: float = typer.Option(0.5, min=1e-6, help="Per-sample gradient clipping norm C."),
+    clip_norm: float = typer.Option(1.0, min=1e-6, help="Per-sample gradient clipping norm C."),
     no_dp: bool = typer.Option(False, "--no-dp", help="Train without differential privacy (for comparison)."),
     partition: Partition = typer.Option(Partition.iid, help="How records are split across institutions."),
     alpha: float = typer.Option(0.5, min=1e-3, help="Dirichlet concentration for --partition dirichlet."),
     lora_rank: int = typer.Option(16, min=1, help="LoRA rank r."),
     lora_targets: str = typer.Option("attention", help="'attention', 'attention+mlp' or comma-separated module names."),
-    lora_layers: int = typer.Option(2, min=0, help="Adapt only the top N decoder layers (0 = all)."),
+    lora_layers: int = typer.Option(1, min=0, help="Adapt only the top N decoder layers (0 = all)."),
     ffa: bool = typer.Option(False, "--ffa", help="FFA-LoRA: freeze A at a shared seed, train/send only B."),
     base_model: Path = typer.Option(None, help="Local checkpoint directory (DeepSeek-V2/V3, R1-Distill Qwen/Llama); default: embedded."),
     max_train_rows: int = typer.Option(0, min=0, help="Use at most this many training rows in total (0 = all)."),

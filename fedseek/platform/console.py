@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 
 def _bytes(n: float) -> str:
@@ -40,20 +39,15 @@ class RichReporter:
         self.task_id = self.progress.add_task("rounds", total=job.federation.rounds)
         self.progress.start()
 
-    def _columns(self) -> list[str]:
-        return ["round", "accuracy", "loss", *[f"eps {s}" for s in self.sites], "bytes up", "time"]
-
     def _header(self) -> None:
-        table = Table(*self._columns(), show_edge=False, box=None, pad_edge=False)
-        self.console.print(table)
+        sites = "".join(f"{'eps ' + s:>12}" for s in self.sites)
+        self.console.print(f"[bold]{'round':>5}{'accuracy':>10}{'loss':>8}{sites}{'bytes up':>11}{'time':>7}[/]")
 
     def round(self, row: dict) -> None:
-        table = Table(*self._columns(), show_header=False, show_edge=False, box=None, pad_edge=False)
-        eps = [row["epsilon"].get(s) for s in self.sites]
-        table.add_row(str(row["round"]), f"{row['accuracy']:.2%}", f"{row['loss']:.3f}",
-                      *["-" if e is None else f"{e:.2f}" for e in eps], _bytes(row["bytes_up"]),
-                      f"{row['elapsed_s']:.0f}s")
-        self.console.print(table)
+        eps = "".join(f"{'-' if row['epsilon'].get(s) is None else format(row['epsilon'][s], '.2f'):>12}"
+                      for s in self.sites)
+        self.console.print(f"{row['round']:>5}{row['accuracy']:>10.2%}{row['loss']:>8.3f}{eps}"
+                           f"{_bytes(row['bytes_up']):>11}{row['elapsed_s']:>6.0f}s", highlight=False)
         if self.progress is not None:
             self.progress.advance(self.task_id)
 
@@ -61,9 +55,9 @@ class RichReporter:
         if self.progress is not None:
             self.progress.stop()
         eps = report.get("epsilon")
-        spent = ", ".join(f"{k} {v:.2f}" for k, v in eps.items()) if eps else "n/a (no DP)"
+        spent = (", ".join(f"{k} {v:.2f}" for k, v in eps.items()) + f" at delta {report['delta']:.1e}"
+                 if eps else "none (DP off)")
         self.console.print(f"[bold green]done[/] final accuracy {report['final_accuracy']:.2%} "
-                           f"(initial {report['initial_accuracy']:.2%}); epsilon spent: {spent} "
-                           f"at delta {report['delta']:.1e}")
+                           f"(initial {report['initial_accuracy']:.2%}); epsilon spent: {spent}")
         self.console.print(f"adapter: {report['adapter_dir']} ({_bytes(report['adapter_bytes'])}); "
                            f"report: {report['adapter_dir'].rsplit('/', 1)[0]}/report.json")

@@ -1,0 +1,25 @@
+"""Job configuration survives Flower's flat ConfigRecord / run config."""
+from __future__ import annotations
+
+from flwr.app import ConfigRecord
+
+from fedseek.aggregator.server_app import job_from_run_config
+from fedseek.config import JobConfig
+
+
+def test_job_config_round_trips_through_a_config_record():
+    job = JobConfig()
+    job.privacy.target_epsilon, job.lora.ffa, job.data.data = 3.5, True, "/data/notes.csv"
+    job.lora.extra_trainable = ["score", "norm"]
+    record = ConfigRecord(job.to_flat())  # raises if a value type is not transportable
+    back = JobConfig.from_flat(dict(record))
+    assert back == job
+    assert "privacy.delta" not in record  # None is left out, and comes back as the default None
+    assert back.privacy.delta is None
+
+
+def test_flwr_run_config_short_names():
+    job = job_from_run_config({"task": "medical_abstracts", "num-server-rounds": 7, "epsilon": 4.0,
+                               "dp": False, "lora-rank": 4, "optim.learning_rate": 0.01})
+    assert (job.data.task, job.federation.rounds, job.privacy.target_epsilon) == ("medical_abstracts", 7, 4.0)
+    assert job.privacy.enabled is False and job.lora.rank == 4 and job.optim.learning_rate == 0.01
