@@ -23,3 +23,22 @@ def test_flwr_run_config_short_names():
                                "dp": False, "lora-rank": 4, "optim.learning_rate": 0.01})
     assert (job.data.task, job.federation.rounds, job.privacy.target_epsilon) == ("medical_abstracts", 7, 4.0)
     assert job.privacy.enabled is False and job.lora.rank == 4 and job.optim.learning_rate == 0.01
+
+
+def test_pyproject_flower_components_resolve_to_apps():
+    import importlib
+    import tomllib
+    from pathlib import Path
+
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import ServerApp
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    components = project["tool"]["flwr"]["app"]["components"]
+    apps = {}
+    for role, reference in components.items():
+        module, attribute = reference.split(":")
+        apps[role] = getattr(importlib.import_module(module), attribute)
+    assert isinstance(apps["serverapp"], ServerApp) and isinstance(apps["clientapp"], ClientApp)
+    defaults = job_from_run_config(project["tool"]["flwr"]["app"]["config"])
+    assert defaults.federation.institutions == 3 and defaults.privacy.target_epsilon == 8.0
