@@ -17,8 +17,9 @@ import numpy as np
 
 from fedseek.data.loader import DataError, LabelledTexts, find_data_files, read_labelled_file
 from fedseek.data.partition import partition, stratified_split
+from fedseek.resources import resource_path
 
-SHIPPED = Path(__file__).parent / "shipped"
+SHIPPED = resource_path("data/shipped", "banking77/train.csv")
 SHIPPED_TASKS = ("banking77", "medical_abstracts", "pubmedqa")
 PUBLIC_FRACTION = 0.30  # of banking77 train and medical_abstracts, reserved for pretraining
 SPLIT_SEED = 0

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import torch
 
-EMBEDDED_MODEL = Path(__file__).parent / "embedded"
+from fedseek.resources import resource_path
+
+EMBEDDED_MODEL = resource_path("models/embedded", "model.safetensors")
 SUPPORTED_ARCHITECTURES = ("deepseek_v2", "deepseek_v3", "qwen2", "llama")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
