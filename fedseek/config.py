@@ -67,3 +67,13 @@ class JobConfig:
                     value = flat[key]
                     setattr(settings, item.name, list(value) if isinstance(value, (list, tuple)) else value)
         return job
+
+
+def data_arguments(job: JobConfig) -> dict:
+    """Keyword arguments of `fedseek.data.tasks.load_federated_data` for this job: the server and
+    every simulated institution derive the same split from them."""
+    d = job.data
+    return dict(task=d.task, institutions=job.federation.institutions, partition_scheme=d.partition,
+                alpha=d.alpha, seed=job.federation.seed, data=d.data, data_dir=d.data_dir,
+                test_data=d.test_data, text_column=d.text_column, label_column=d.label_column,
+                max_train_rows=d.max_train_rows or None)

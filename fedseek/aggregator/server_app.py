@@ -18,8 +18,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fedseek.aggregator.strategy import AdapterFedAvg
-from fedseek.clients.client_app import data_arguments
-from fedseek.config import JobConfig
+from fedseek.config import JobConfig, data_arguments
 from fedseek.data.tasks import FederatedData, load_federated_data
 from fedseek.models.classifier import AdapterClassifier
 from fedseek.models.loading import base_model_bytes, base_model_hash, resolve_base

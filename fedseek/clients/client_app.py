@@ -16,7 +16,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from fedseek.clients.dp_trainer import LocalTrainer
-from fedseek.config import JobConfig
+from fedseek.config import JobConfig, data_arguments
 from fedseek.data.loader import read_labelled_file
 from fedseek.data.tasks import load_federated_data
 from fedseek.models.classifier import AdapterClassifier, EncodedTexts
@@ -60,14 +60,6 @@ def site_data(job: JobConfig, node_config: dict, label_names: list[str], trainer
             records, name = data.train[pid], data.institutions[pid]
         _site_cache[key] = (name, trainer.classifier.encode(records.texts, records.labels))
     return _site_cache[key]
-
-
-def data_arguments(job: JobConfig) -> dict:
-    d = job.data
-    return dict(task=d.task, institutions=job.federation.institutions, partition_scheme=d.partition,
-                alpha=d.alpha, seed=job.federation.seed, data=d.data, data_dir=d.data_dir,
-                test_data=d.test_data, text_column=d.text_column, label_column=d.label_column,
-                max_train_rows=d.max_train_rows or None)
 
 
 def _history(context: Context) -> list[tuple[float, float, int]]:

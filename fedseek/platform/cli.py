@@ -94,7 +94,7 @@ def _path(value: Path | None) -> str | None:
 
 def _preflight(job):
     """Fail fast, before Ray starts: data readable and valid, model loadable, LoRA targets match."""
-    from fedseek.clients.client_app import data_arguments
+    from fedseek.config import data_arguments
     from fedseek.data.tasks import load_federated_data
     from fedseek.models.loading import load_classifier, load_tokenizer
     from fedseek.models.lora import resolve_targets
