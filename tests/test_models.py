@@ -53,6 +53,9 @@ def test_frozen_prefix_cache_matches_full_forward(tiny_checkpoints, arch):
     full = AdapterClassifier(tiny_checkpoints[arch], 3, LoraSettings(rank=2, top_layers=1))
     full.first_adapted = 0  # same adapter, but run every layer from token ids
     assert cached.first_adapted == 1
+    adapted_layers = {int(n.split(".layers.")[1].split(".")[0])
+                      for n, _ in cached.model.named_parameters() if ".lora_" in n}
+    assert adapted_layers == {1}  # LoRA only above the cached, frozen prefix
     with torch.no_grad():
         for p in list(cached.model.parameters()):
             if p.requires_grad:

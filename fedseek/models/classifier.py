@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from fedseek.models.loading import load_classifier, load_tokenizer
-from fedseek.models.lora import LoraSettings, apply_lora
+from fedseek.models.lora import LoraSettings, apply_lora, first_adapted_layer
 
 
 @dataclass
@@ -72,8 +72,7 @@ class AdapterClassifier:
     def __init__(self, base: str | None, num_labels: int, lora: LoraSettings, max_length: int = 64):
         self.tokenizer = load_tokenizer(base)
         model = load_classifier(base, num_labels, self.tokenizer.pad_token_id)
-        layers = int(model.config.num_hidden_layers)
-        self.first_adapted = layers - lora.top_layers if 0 < lora.top_layers < layers else 0
+        self.first_adapted = first_adapted_layer(model, lora)
         self.model = apply_lora(model, lora)
         self.decoder = _decoder(self.model)
         self.max_length = max_length

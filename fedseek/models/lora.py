@@ -66,8 +66,10 @@ def resolve_targets(model: nn.Module, targets: str) -> list[str]:
     return requested
 
 
-def num_decoder_layers(model: nn.Module) -> int:
-    return int(model.config.num_hidden_layers)
+def first_adapted_layer(model: nn.Module, settings: LoraSettings) -> int:
+    """Index of the lowest decoder layer LoRA adapts (0 when every layer is adapted)."""
+    layers = int(model.config.num_hidden_layers)
+    return layers - settings.top_layers if 0 < settings.top_layers < layers else 0
 
 
 def apply_lora(model: nn.Module, settings: LoraSettings):
@@ -75,13 +77,13 @@ def apply_lora(model: nn.Module, settings: LoraSettings):
     from peft import LoraConfig, TaskType, get_peft_model
 
     targets = resolve_targets(model, settings.targets)
-    layers = num_decoder_layers(model)
-    top = settings.top_layers if 0 < settings.top_layers < layers else 0
+    first = first_adapted_layer(model, settings)
+    layers = int(model.config.num_hidden_layers)
     config = LoraConfig(
         task_type=TaskType.SEQ_CLS, r=settings.rank, lora_alpha=settings.alpha, lora_dropout=0.0,
         target_modules=targets, modules_to_save=list(settings.extra_trainable),
-        layers_to_transform=list(range(layers - top, layers)) if top else None,
-        layers_pattern="layers" if top else None,
+        layers_to_transform=list(range(first, layers)) if first else None,
+        layers_pattern="layers" if first else None,
     )
     torch.manual_seed(settings.seed)  # the same A (and head init) at every institution
     peft_model = get_peft_model(model, config)
