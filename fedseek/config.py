@@ -7,8 +7,14 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from fedseek.clients.dp_trainer import OptimSettings, PrivacySettings
+from fedseek.continual.ewc import EWCSettings
+from fedseek.continual.fisher import FisherSettings
 from fedseek.models.lora import LoraSettings
+
+PERIOD_SEPARATOR = "|"
 
 
 @dataclass
@@ -25,6 +31,19 @@ class DataSettings:
     alpha: float = 0.5  # Dirichlet concentration (smaller = more non-IID)
     max_length: int = 64  # tokens per record
     max_train_rows: int = 0  # cap on the pooled training rows (0 = all); for quick runs
+    periods: str = ""  # continual-learning period scheme (fedseek.data.periods); "" = no periods
+    period: str = ""  # the period(s) this job trains on, "|"-separated (several: joint training)
+    period_column: str | None = None  # user data: column holding each row's date or period id
+    period_freq: str = ""  # "", year or quarter: map ISO dates in period_column to periods
+    period_groups: int = 3  # label groups for the intent-/condition-groups schemes
+    validation_fraction: float = 0.0  # held out of each institution's records (λ selection)
+
+    @property
+    def period_scope(self) -> str:
+        """The disjoint slice of records this job touches, for the privacy ledger: one period's
+        name, or "all" (no periods, or joint training over several)."""
+        names = [p for p in self.period.split(PERIOD_SEPARATOR) if p]
+        return names[0] if len(names) == 1 else "all"
 
 
 @dataclass
@@ -36,6 +55,7 @@ class FederationSettings:
     seed: int = 0
     base_model: str | None = None  # local checkpoint directory; None = embedded default
     out: str = "runs/latest"
+    study: str = ""  # a comparison arm's name: its institutions keep a separate privacy history
 
 
 @dataclass
@@ -45,6 +65,8 @@ class JobConfig:
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
     optim: OptimSettings = field(default_factory=OptimSettings)
     federation: FederationSettings = field(default_factory=FederationSettings)
+    ewc: EWCSettings = field(default_factory=lambda: EWCSettings(method="naive"))
+    fisher: FisherSettings = field(default_factory=FisherSettings)
 
     def to_flat(self) -> dict[str, Any]:
         """`section.field` -> value; None values are left out (ConfigRecord has no None)."""
@@ -76,4 +98,55 @@ def data_arguments(job: JobConfig) -> dict:
     return dict(task=d.task, institutions=job.federation.institutions, partition_scheme=d.partition,
                 alpha=d.alpha, seed=job.federation.seed, data=d.data, data_dir=d.data_dir,
                 test_data=d.test_data, text_column=d.text_column, label_column=d.label_column,
-                max_train_rows=d.max_train_rows or None)
+                max_train_rows=d.max_train_rows or None, period_column=d.period_column)
+
+
+def job_data(job: JobConfig, period: str | None = None):
+    """The job's `FederatedData`; with periods, only the records of `period` (default: the job's
+    own period(s)), split into train/validation per institution. Server and institutions derive
+    the same split from the same config."""
+    from fedseek.data.periods import plan_periods, split_validation
+    from fedseek.data.tasks import load_federated_data
+
+    data = load_federated_data(**data_arguments(job))
+    d = job.data
+    if not d.periods:
+        return data
+    plan = {p.name: p for p in plan_periods(d.periods, _pooled(data), d.period_groups, d.period_freq)}
+    wanted = [p for p in (period if period is not None else d.period).split(PERIOD_SEPARATOR) if p]
+    unknown = [w for w in wanted if w not in plan]
+    if unknown or not wanted:
+        raise ValueError(f"period {unknown or wanted} is not one of {list(plan)}")
+    chosen = [plan[w] for w in wanted]
+    active = None if any(p.labels is None for p in chosen) else sorted(l for p in chosen for l in p.labels)
+
+    def select(rows):
+        index = np.unique(np.concatenate([p.selects(rows, d.periods, d.period_freq) for p in chosen]))
+        return rows.subset(index.astype(int))
+
+    train, validation = [], []
+    for k, rows in enumerate(data.train):
+        kept, held = split_validation(select(rows), d.validation_fraction, job.federation.seed + k)
+        train.append(kept)
+        validation.append(held)
+    return dataclasses.replace(data, train=train, test=select(data.test), active_labels=active,
+                               validation=validation)
+
+
+def period_names(job: JobConfig) -> list[str]:
+    """The ordered period names of the job's scheme."""
+    from fedseek.data.periods import plan_periods
+    from fedseek.data.tasks import load_federated_data
+
+    data = load_federated_data(**data_arguments(job))
+    return [p.name for p in plan_periods(job.data.periods, _pooled(data), job.data.period_groups,
+                                         job.data.period_freq)]
+
+
+def _pooled(data):
+    """All training rows of every institution (period keys are read off the whole pool)."""
+    from fedseek.data.loader import LabelledTexts
+
+    first = data.train[0]
+    return LabelledTexts(sum((t.texts for t in data.train), []), np.concatenate([t.labels for t in data.train]),
+                         first.label_names, sum((t.periods or [] for t in data.train), []) or None, first.source)

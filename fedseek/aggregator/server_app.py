@@ -127,12 +127,13 @@ def build_report(job: JobConfig, data: FederatedData, classifier: AdapterClassif
     return report
 
 
-def make_server_app(job: JobConfig, reporter: Reporter | None = None) -> ServerApp:
+def make_server_app(job: JobConfig, reporter: Reporter | None = None, run=None) -> ServerApp:
+    """A ServerApp running `run(grid, job, reporter)` (default: one federated job)."""
     server = ServerApp()
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        run_federation(grid, job, reporter)
+        (run or run_federation)(grid, job, reporter)
 
     return server
 

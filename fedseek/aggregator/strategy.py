@@ -16,10 +16,18 @@ logger = logging.getLogger("fedseek")
 class AdapterFedAvg(FedAvg):
     """Example-weighted FedAvg of LoRA (+ head) tensors; clients never send base weights."""
 
-    def __init__(self, institutions: int):
+    def __init__(self, institutions: int, extra_records: dict[str, ArrayRecord] | None = None):
         super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=institutions,
                          min_available_nodes=institutions)
         self.round_log: dict[int, list[dict]] = {}
+        self.extra_records = extra_records or {}  # e.g. `ewc`: Fisher + anchors of past periods
+
+    def configure_train(self, server_round, arrays, config, grid):
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        for message in messages:
+            for key, record in self.extra_records.items():
+                message.content[key] = record
+        return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:

@@ -3,10 +3,17 @@
 The base model is loaded once per process and the site's records are tokenized (and their frozen
 prefix computed) once per process; each round applies the received adapter, trains with DP-SGD and
 replies with the trainable tensors only. The accountant history lives in the node's persistent
-`context.state`, so epsilon composes over every round of the job.
+`context.state`, one history per data scope (a continual-learning period, or "all"), so epsilon
+composes over every round, period and Fisher pass of the run.
+
+Message types: `train` (a DP-LoRA round, with EWC when the server ships `ewc` tensors),
+`train.fisher` (the DP Fisher diagonal at the received adapter: a charged release) and
+`evaluate.validation` (accuracy on the institution's held-out validation records of given periods,
+for choosing λ without the test set; counts only).
 """
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from functools import lru_cache
 
@@ -16,11 +23,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from fedseek.clients.dp_trainer import LocalTrainer
-from fedseek.config import JobConfig, data_arguments
-from fedseek.data.loader import read_labelled_file
-from fedseek.data.tasks import load_federated_data
+from fedseek.config import PERIOD_SEPARATOR, JobConfig, job_data
+from fedseek.continual.ewc import EWCState
+from fedseek.data.loader import LabelledTexts, read_labelled_file
+from fedseek.data.periods import Period, split_validation
 from fedseek.models.classifier import AdapterClassifier, EncodedTexts
 from fedseek.models.lora import load_trainable_state, trainable_state
+from fedseek.privacy.accountant import default_delta, epsilon
 
 app = ClientApp()
 PRIVACY_STATE = "privacy-history"
@@ -40,51 +49,94 @@ def trainer_for(job: JobConfig, num_labels: int) -> LocalTrainer:
     return _trainer(job.federation.base_model, num_labels, key, job.data.max_length)
 
 
-_site_cache: dict[tuple, tuple[str, EncodedTexts]] = {}
+_site_cache: dict[tuple, tuple[str, EncodedTexts, EncodedTexts]] = {}
 
 
-def site_data(job: JobConfig, node_config: dict, label_names: list[str], trainer: LocalTrainer):
-    """(institution name, encoded records). Deployment: the node's own `data-path` file;
-    simulation: partition `partition-id` of the job's data, split exactly as the server did."""
+def _site_rows(job: JobConfig, node_config: dict, label_names: list[str],
+               active: list[int] | None) -> tuple[str, LabelledTexts, LabelledTexts]:
+    """(institution, train rows, validation rows) of the job's period(s). Deployment: the node's
+    own `data-path` file; simulation: partition `partition-id`, split exactly as the server did."""
     path = node_config.get("data-path")
-    key = (path, node_config.get("partition-id"), repr(job.data), job.federation.seed,
-           job.federation.institutions, job.federation.base_model)
+    if not path:
+        pid = int(node_config["partition-id"])
+        data = job_data(job)
+        return data.institutions[pid], data.train[pid], (data.validation or [None] * (pid + 1))[pid]
+    d = job.data
+    rows = read_labelled_file(path, d.text_column, d.label_column, d.period_column, label_names=label_names)
+    if d.periods:
+        names = [n for n in d.period.split(PERIOD_SEPARATOR) if n]
+        index = np.unique(np.concatenate([Period(n, active).selects(rows, d.periods, d.period_freq)
+                                          for n in names])).astype(int)
+        rows = rows.subset(index)
+    train, validation = split_validation(rows, d.validation_fraction, job.federation.seed)
+    return str(node_config.get("institution", path)), train, validation
+
+
+def site_data(job: JobConfig, node_config: dict, label_names: list[str], trainer: LocalTrainer,
+              active: list[int] | None = None) -> tuple[str, EncodedTexts, EncodedTexts | None]:
+    """(institution name, encoded training records, encoded validation records or None)."""
+    key = (node_config.get("data-path"), node_config.get("partition-id"), repr(job.data),
+           job.federation.seed, job.federation.institutions, job.federation.base_model)
     if key not in _site_cache:
-        if path:
-            records = read_labelled_file(path, job.data.text_column, job.data.label_column,
-                                         label_names=label_names)
-            name = str(node_config.get("institution", path))
-        else:
-            pid = int(node_config["partition-id"])
-            data = load_federated_data(**data_arguments(job))
-            records, name = data.train[pid], data.institutions[pid]
-        _site_cache[key] = (name, trainer.classifier.encode(records.texts, records.labels))
+        name, train, validation = _site_rows(job, node_config, label_names, active)
+        encode = lambda rows: trainer.classifier.encode(rows.texts, rows.labels, active_labels=active)  # noqa: E731
+        _site_cache[key] = (name, encode(train), encode(validation) if validation is not None and len(validation) else None)
     return _site_cache[key]
 
 
-def _history(context: Context) -> list[tuple[float, float, int]]:
-    if PRIVACY_STATE not in context.state:
+def _scope_key(job: JobConfig) -> str:
+    """The privacy history's key: per data scope (period), and per study arm in comparisons."""
+    scope, study = job.data.period_scope, job.federation.study
+    return PRIVACY_STATE + (f"/{study}" if study else "") + ("" if scope == "all" else f"/{scope}")
+
+
+def _history(context: Context, job: JobConfig) -> list[tuple[float, float, int]]:
+    key = _scope_key(job)
+    if key not in context.state:
         return []
-    record = context.state[PRIVACY_STATE]
+    record = context.state[key]
     return list(zip(record["sigma"], record["q"], record["steps"]))
+
+
+def _save_history(context: Context, job: JobConfig, history) -> None:
+    context.state[_scope_key(job)] = ConfigRecord({
+        "sigma": [float(h[0]) for h in history], "q": [float(h[1]) for h in history],
+        "steps": [int(h[2]) for h in history]})
+
+
+def _setup(msg: Message, context: Context):
+    config = msg.content["config"]
+    job = JobConfig.from_flat(dict(config))
+    label_names = list(config["label-names"])
+    active = [int(x) for x in config["active-labels"]] if "active-labels" in config else None
+    trainer = trainer_for(job, len(label_names))
+    name, data, validation = site_data(job, dict(context.node_config), label_names, trainer, active)
+    received = {k: torch.from_numpy(np.asarray(v.numpy())) for k, v in msg.content["arrays"].items()}
+    load_trainable_state(trainer.classifier.model, received)
+    return config, job, trainer, name, data, validation
+
+
+def _tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.array(v.numpy())) for k, v in record.items()}
+
+
+def _site_seed(job: JobConfig, name: str) -> int:
+    return job.federation.seed * 7919 + zlib.crc32((name + job.data.period).encode())
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    config = msg.content["config"]
-    job = JobConfig.from_flat(dict(config))
-    label_names = list(config["label-names"])
-    trainer = trainer_for(job, len(label_names))
-    name, data = site_data(job, dict(context.node_config), label_names, trainer)
-    received = {k: torch.from_numpy(np.asarray(v.numpy())) for k, v in msg.content["arrays"].items()}
-    load_trainable_state(trainer.classifier.model, received)
+    config, job, trainer, name, data, _ = _setup(msg, context)
     server_round = int(config["server-round"])
+    ewc = EWCState.from_flat(_tensors(msg.content["ewc"])) if "ewc" in msg.content else None
+    fisher = job.fisher
+    planned = [(fisher.noise_multiplier, fisher.sample_rate, 1)] if job.ewc.uses_fisher and job.ewc.fisher_after else []
+    history = _history(context, job)
     result = trainer.train_round(data, job.privacy, job.optim, server_round, job.federation.rounds,
-                                 _history(context), job.federation.seed * 7919 + zlib.crc32(name.encode()))
+                                 history, _site_seed(job, name), ewc=ewc, ewc_lambda=job.ewc.lam,
+                                 planned=planned if job.privacy.enabled else [])
     if result.history:
-        context.state[PRIVACY_STATE] = ConfigRecord({
-            "sigma": [float(h[0]) for h in result.history], "q": [float(h[1]) for h in result.history],
-            "steps": [int(h[2]) for h in result.history]})
+        _save_history(context, job, result.history)
     arrays = ArrayRecord({k: Array(v.numpy()) for k, v in trainable_state(trainer.classifier.model).items()})
     metrics = MetricRecord({
         "num-examples": len(data), "train-loss-first": result.loss_before,
@@ -93,7 +145,43 @@ def train(msg: Message, context: Context) -> Message:
         "steps": server_round * result.steps,
         "bytes-up": sum(int(a.numpy().nbytes) for a in arrays.values()),
     })
-    if job.privacy.enabled:  # cumulative over the whole history, not this round alone
+    if job.privacy.enabled:  # cumulative over the scope's whole history, not this round alone
         metrics["epsilon"], metrics["epsilon-rdp"] = result.epsilon, result.epsilon_rdp
     return Message(content=RecordDict({"arrays": arrays, "metrics": metrics,
+                                       "site": ConfigRecord({"institution": name})}), reply_to=msg)
+
+
+@app.train("fisher")
+def fisher(msg: Message, context: Context) -> Message:
+    """The DP Fisher diagonal of this institution's period records at the received adapter; charged
+    to the same privacy history as training."""
+    _, job, trainer, name, data, _ = _setup(msg, context)
+    settings = dataclasses.replace(job.fisher, clip_norm=job.privacy.clip_norm)
+    if not job.privacy.enabled:
+        settings = dataclasses.replace(settings, noise_multiplier=0.0)
+    diagonal, entry = trainer.fisher(data, settings, _site_seed(job, name))
+    metrics = MetricRecord({"num-examples": len(data),
+                            "bytes-up": sum(int(t.numel() * 4) for t in diagonal.values())})
+    if job.privacy.enabled:
+        history = _history(context, job) + [entry]
+        _save_history(context, job, history)
+        delta = job.privacy.delta or default_delta(len(data))
+        metrics.update({"fisher-noise-multiplier": entry[0], "fisher-sample-rate": entry[1],
+                        "fisher-steps": entry[2], "delta": delta, "epsilon": epsilon(history, delta),
+                        "epsilon-rdp": epsilon(history, delta, "rdp")})
+    arrays = ArrayRecord({k: Array(v.numpy()) for k, v in diagonal.items()})
+    return Message(content=RecordDict({"arrays": arrays, "metrics": metrics,
+                                       "site": ConfigRecord({"institution": name})}), reply_to=msg)
+
+
+@app.evaluate("validation")
+def validation(msg: Message, context: Context) -> Message:
+    """Correct/total on this institution's validation records of the job's period(s)."""
+    _, _, trainer, name, _, held = _setup(msg, context)
+    if held is None:
+        correct, total = 0, 0
+    else:
+        evaluation = trainer.classifier.evaluate(held)
+        correct, total = round(evaluation["accuracy"] * len(held)), len(held)
+    return Message(content=RecordDict({"metrics": MetricRecord({"correct": correct, "total": total}),
                                        "site": ConfigRecord({"institution": name})}), reply_to=msg)

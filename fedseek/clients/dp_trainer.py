@@ -17,6 +17,8 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
+from fedseek.continual.ewc import EWCState, add_penalty_gradient
+from fedseek.continual.fisher import FisherSettings, add_noise, clipped_square_sums, expand, group_sums
 from fedseek.models.classifier import AdapterClassifier, EncodedTexts
 from fedseek.privacy.accountant import History, default_delta, epsilon, noise_for_budget
 
@@ -73,12 +75,14 @@ class LocalTrainer:
 
     def __init__(self, classifier: AdapterClassifier):
         self.classifier = classifier
-        self.params = [p for p in classifier.model.parameters() if p.requires_grad]
+        self.named_params = {n: p for n, p in classifier.model.named_parameters() if p.requires_grad}
+        self.params = list(self.named_params.values())
         self.private_module = GradSampleModule(classifier.model, batch_first=True, loss_reduction="mean")
 
     def plan_noise(self, privacy: PrivacySettings, optim: OptimSettings, num_records: int,
-                   total_rounds: int, history: History) -> tuple[float, float, float]:
-        """(sigma, q, delta) so that the job's planned steps end exactly at the target epsilon."""
+                   total_rounds: int, history: History, planned: History = ()) -> tuple[float, float, float]:
+        """(sigma, q, delta) so that the job's planned steps, plus `planned` releases still to come
+        (a Fisher pass), end exactly at the target epsilon."""
         q = min(1.0, optim.batch_fraction)
         delta = privacy.delta or default_delta(num_records)
         if not privacy.enabled:
@@ -87,11 +91,17 @@ class LocalTrainer:
             return privacy.noise_multiplier, q, delta
         if history:  # sigma was fixed in the first round; keep it for the rest of the job
             return history[-1][0], q, delta
-        return noise_for_budget(privacy.target_epsilon, delta, q, optim.local_steps * total_rounds), q, delta
+        return noise_for_budget(privacy.target_epsilon, delta, q, optim.local_steps * total_rounds,
+                                spent=list(planned)), q, delta
 
     def train_round(self, data: EncodedTexts, privacy: PrivacySettings, optim: OptimSettings,
-                    server_round: int, total_rounds: int, history: History, seed: int) -> RoundResult:
-        sigma, q, delta = self.plan_noise(privacy, optim, len(data), total_rounds, history)
+                    server_round: int, total_rounds: int, history: History, seed: int,
+                    ewc: EWCState | None = None, ewc_lambda: float = 0.0,
+                    planned: History = ()) -> RoundResult:
+        """One round of local DP-SGD. With `ewc`, the EWC gradient is added after clipping and
+        noise (DP optimizer step hook), never through the loss that Opacus differentiates."""
+        sigma, q, delta = self.plan_noise(privacy, optim, len(data), total_rounds, history, planned)
+        protect = (lambda *_: add_penalty_gradient(self.named_params, ewc, ewc_lambda)) if ewc else None
         rng = np.random.default_rng([seed, server_round])
         torch.manual_seed(int(rng.integers(2**31)))
         expected_batch = q * len(data)
@@ -99,6 +109,8 @@ class LocalTrainer:
         optimizer = (DPOptimizer(base_optimizer, noise_multiplier=sigma, max_grad_norm=privacy.clip_norm,
                                  expected_batch_size=max(1, round(expected_batch)))
                      if privacy.enabled else base_optimizer)
+        if privacy.enabled and protect:
+            optimizer.attach_step_hook(protect)
         if privacy.enabled:  # per-sample gradient hooks cost time; only DP needs them
             self.private_module.enable_hooks()
         else:
@@ -128,6 +140,8 @@ class LocalTrainer:
                 if privacy.enabled and not last:
                     optimizer.signal_skip_step(do_skip=True)
                 if privacy.enabled or last:
+                    if not privacy.enabled and protect:
+                        protect()
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
             losses.append(step_loss / len(sample))
@@ -138,6 +152,31 @@ class LocalTrainer:
             epsilon=epsilon(new_history, delta) if privacy.enabled else math.inf,
             epsilon_rdp=epsilon(new_history, delta, "rdp") if privacy.enabled else math.inf,
             history=new_history)
+
+    def fisher(self, data: EncodedTexts, settings: FisherSettings, seed: int,
+               chunk_size: int = 256) -> tuple[dict[str, torch.Tensor], tuple[float, float, int]]:
+        """DP diagonal Fisher at the current parameters over a Poisson sample of `data`; returns it
+        (per coordinate, un-normalised) and the (sigma, q, steps) entry to charge to the history."""
+        rng = np.random.default_rng([seed, 7])
+        generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
+        sample = np.flatnonzero(rng.random(len(data)) < settings.sample_rate)
+        self.private_module.enable_hooks()
+        self.classifier.model.train()  # Opacus records activations in training mode only
+        sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in self.named_params.items()}
+        for chunk in AdapterClassifier._length_sorted_chunks(data.inputs, sample, chunk_size):
+            logits = self.classifier.logits(data, chunk)
+            nn.functional.cross_entropy(logits, data.labels[chunk]).backward()
+            grad_samples = {n: p.grad_sample.detach().float() for n, p in self.named_params.items()}
+            for name, value in clipped_square_sums(grad_samples, settings.clip_norm).items():
+                sums[name] += value
+            for p in self.params:
+                p.grad_sample, p.grad = None, None
+        groups = add_noise(group_sums(sums, settings.granularity),
+                           settings.noise_multiplier * settings.clip_norm ** 2, generator)
+        shapes = {n: p.shape for n, p in self.named_params.items()}
+        expected = settings.sample_rate * len(data)  # data-independent given N (released anyway)
+        fisher = expand(groups, shapes, settings.granularity, expected)
+        return fisher, (settings.noise_multiplier, settings.sample_rate, 1)
 
     def _noise_only_step(self, optimizer: torch.optim.Optimizer, std: float) -> None:
         """An empty Poisson sample still releases a noised (zero-signal) update."""

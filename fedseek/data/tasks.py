@@ -32,6 +32,8 @@ class FederatedData:
     institutions: list[str]
     train: list[LabelledTexts]  # one per institution; never leaves that institution
     test: LabelledTexts  # global test set, held by the coordinator for evaluation
+    active_labels: list[int] | None = None  # a task-incremental period's labels (None = all)
+    validation: list[LabelledTexts] | None = None  # per institution, held out of `train`
 
 
 def _csv_rows(path: Path) -> list[dict]:
@@ -101,17 +103,19 @@ def load_federated_data(task: str = "banking77", institutions: int = 3, partitio
                         alpha: float = 0.5, seed: int = 0, data: str | None = None,
                         data_dir: str | None = None, test_data: str | None = None,
                         text_column: str = "text", label_column: str = "label",
-                        test_fraction: float = 0.2, max_train_rows: int | None = None) -> FederatedData:
+                        test_fraction: float = 0.2, max_train_rows: int | None = None,
+                        period_column: str | None = None) -> FederatedData:
     """Build the federation's data. Shipped `task`, or a user `data` file partitioned across
     `institutions`, or a `data_dir` holding one file per institution (+ optional `test.*`)."""
     if data and data_dir:
         raise DataError("give either --data or --data-dir, not both")
     if data_dir:
-        return _from_directory(Path(data_dir), text_column, label_column, test_fraction, seed)
+        return _from_directory(Path(data_dir), text_column, label_column, test_fraction, seed, period_column)
     if data:
-        pool = read_labelled_file(data, text_column, label_column)
+        pool = read_labelled_file(data, text_column, label_column, period_column)
         if test_data:
-            test = read_labelled_file(test_data, text_column, label_column, label_names=pool.label_names)
+            test = read_labelled_file(test_data, text_column, label_column, period_column,
+                                      label_names=pool.label_names)
         else:
             keep, held = stratified_split(pool.labels, test_fraction, seed)
             pool, test = pool.subset(keep), pool.subset(held)
@@ -131,15 +135,16 @@ def load_federated_data(task: str = "banking77", institutions: int = 3, partitio
 
 
 def _from_directory(directory: Path, text_column: str, label_column: str, test_fraction: float,
-                    seed: int) -> FederatedData:
+                    seed: int, period_column: str | None = None) -> FederatedData:
     files = find_data_files(directory)
     site_files = [p for p in files if p.stem != "test"]
     test_files = [p for p in files if p.stem == "test"]
-    sites = [read_labelled_file(p, text_column, label_column) for p in site_files]
+    sites = [read_labelled_file(p, text_column, label_column, period_column) for p in site_files]
     names = sorted(set().union(*(s.label_names for s in sites)))
-    sites = [read_labelled_file(p, text_column, label_column, label_names=names) for p in site_files]
+    sites = [read_labelled_file(p, text_column, label_column, period_column, label_names=names)
+             for p in site_files]
     if test_files:
-        test = read_labelled_file(test_files[0], text_column, label_column, label_names=names)
+        test = read_labelled_file(test_files[0], text_column, label_column, period_column, label_names=names)
     else:  # each institution holds out part of its rows; their union is the global test set
         held_parts, kept = [], []
         for site in sites:
@@ -147,6 +152,7 @@ def _from_directory(directory: Path, text_column: str, label_column: str, test_f
             kept.append(site.subset(keep))
             held_parts.append(site.subset(held))
         sites = kept
+        periods = sum((h.periods or [] for h in held_parts), []) if period_column else None
         test = LabelledTexts(sum((h.texts for h in held_parts), []),
-                             np.concatenate([h.labels for h in held_parts]), names, None, str(directory))
+                             np.concatenate([h.labels for h in held_parts]), names, periods, str(directory))
     return FederatedData(directory.name, names, [p.stem for p in site_files], sites, test)

@@ -24,6 +24,7 @@ class EncodedTexts:
 
     inputs: list[torch.Tensor]  # (length,) int64 ids or (length, hidden) float
     labels: torch.Tensor
+    label_mask: torch.Tensor | None = None  # bool (num_labels,): task-incremental active labels
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -80,8 +81,10 @@ class AdapterClassifier:
 
     # -- inputs -------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode(self, texts: list[str], labels, chunk: int = 256) -> EncodedTexts:
-        """Tokenize (and, with a frozen prefix, run it once) for every text."""
+    def encode(self, texts: list[str], labels, chunk: int = 256,
+               active_labels: list[int] | None = None) -> EncodedTexts:
+        """Tokenize (and, with a frozen prefix, run it once) for every text. With `active_labels`
+        the head is masked to them (a task-incremental period's labels) in training and scoring."""
         ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
         inputs = [torch.tensor(x, dtype=torch.long) for x in ids]
         if self.first_adapted:
@@ -97,7 +100,11 @@ class AdapterClassifier:
                     cached[i] = hidden[row, -len(inputs[i]):].clone()
             self.model.train(was_training)
             inputs = cached
-        return EncodedTexts(inputs, torch.as_tensor(np.asarray(labels), dtype=torch.long))
+        mask = None
+        if active_labels is not None:
+            mask = torch.zeros(self.num_labels, dtype=torch.bool)
+            mask[list(active_labels)] = True
+        return EncodedTexts(inputs, torch.as_tensor(np.asarray(labels), dtype=torch.long), mask)
 
     def _pad(self, items: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-pad ids (with the pad id) or hidden states (with zeros); mask marks real tokens."""
@@ -122,9 +129,13 @@ class AdapterClassifier:
         """Logits for `data.inputs[index]`: the head applied to mean-pooled final hidden states."""
         padded, mask = self._pad([data.inputs[i] for i in index])
         if not self.first_adapted:
-            return pooled_logits(self.model, input_ids=padded, attention_mask=mask)
-        with _only_layers_from(self.decoder, self.first_adapted):
-            return pooled_logits(self.model, inputs_embeds=padded, attention_mask=mask)
+            logits = pooled_logits(self.model, input_ids=padded, attention_mask=mask)
+        else:
+            with _only_layers_from(self.decoder, self.first_adapted):
+                logits = pooled_logits(self.model, inputs_embeds=padded, attention_mask=mask)
+        if data.label_mask is not None:  # inactive labels can be neither predicted nor trained
+            logits = logits.masked_fill(~data.label_mask, -1e4)
+        return logits
 
     @torch.no_grad()
     def evaluate(self, data: EncodedTexts, chunk: int = 256) -> dict[str, float]:

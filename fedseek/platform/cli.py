@@ -21,6 +21,13 @@ class Partition(str, Enum):
     dirichlet = "dirichlet"
 
 
+class Method(str, Enum):
+    naive = "naive"
+    ewc = "ewc"
+    online_ewc = "online-ewc"
+    joint = "joint"
+
+
 class Targets(str, Enum):
     attention = "attention"
     attention_mlp = "attention+mlp"
@@ -55,13 +62,33 @@ def simulate(
     seed: int = typer.Option(0, help="Seed for partitioning, sampling and LoRA init."),
     out: Path = typer.Option(Path("runs/latest"), help="Output directory (report.json, adapter/)."),
     verbose: bool = typer.Option(False, help="Show Flower/Ray logs."),
+    periods: str = typer.Option("", help="Continual learning: period scheme years | intent-groups | "
+                                "condition-groups | column | auto (the task's default); one federated job per period."),
+    cl: Method = typer.Option(Method.ewc, help="Continual method (with --periods); joint = one job on all periods (upper bound)."),
+    ewc_lambda: float = typer.Option(1.0, min=0.0, help="EWC strength λ (Fisher normalised to mean 1)."),
+    ewc_gamma: float = typer.Option(0.9, min=0.0, max=1.0, help="Online-EWC decay γ of the running Fisher."),
+    compare: str = typer.Option("", help="Also run these methods as comparison arms, e.g. 'naive,joint'."),
+    tune_lambda: str = typer.Option("", help="Pick λ among these (e.g. '0.1,1,10') on the institutions' "
+                                    "validation splits of the first two periods."),
+    period_column: str = typer.Option(None, help="Column of your data holding each row's date or period id."),
+    period_freq: str = typer.Option("", help="With --period-column of ISO dates: year | quarter."),
+    period_groups: int = typer.Option(3, min=2, help="Label groups for intent-groups / condition-groups."),
+    fisher_noise: float = typer.Option(10.0, min=0.0, help="Noise multiplier σ_F of the DP Fisher pass."),
+    fisher_rate: float = typer.Option(0.5, min=1e-4, max=1.0, help="Poisson rate of the DP Fisher pass."),
+    fisher_granularity: str = typer.Option("tensor", help="Fisher values released per tensor | row | coordinate."),
+    validation_fraction: float = typer.Option(0.1, min=0.0, max=0.5, help="With --periods: records each "
+                                              "institution holds out for λ selection."),
 ) -> None:
-    """Run a federation of simulated institutions (Flower simulation engine, Ray backend)."""
+    """Run a federation of simulated institutions (Flower simulation engine, Ray backend); with
+    --periods, a continual-learning sequence of federated jobs (see `fedseek continual`)."""
     from fedseek.platform.simulation import quiet_environment
 
     quiet_environment()
     from fedseek.config import DataSettings, FederationSettings, JobConfig
     from fedseek.clients.dp_trainer import OptimSettings, PrivacySettings
+    from fedseek.continual.ewc import EWCSettings
+    from fedseek.continual.fisher import FisherSettings
+    from fedseek.data.periods import DEFAULT_SCHEME
     from fedseek.data.loader import DataError
     from fedseek.models.lora import LoraSettings
     from fedseek.platform.console import RichReporter
@@ -70,7 +97,10 @@ def simulate(
     job = JobConfig(
         data=DataSettings(task=task, data=_path(data), data_dir=_path(data_dir), test_data=_path(test_data),
                           text_column=text_column, label_column=label_column, partition=partition.value,
-                          alpha=alpha, max_train_rows=max_train_rows),
+                          alpha=alpha, max_train_rows=max_train_rows,
+                          periods=(DEFAULT_SCHEME.get(task, "column") if periods == "auto" else periods),
+                          period_column=period_column, period_freq=period_freq, period_groups=period_groups,
+                          validation_fraction=validation_fraction if periods else 0.0),
         lora=LoraSettings(rank=lora_rank, alpha=2.0 * lora_rank, targets=lora_targets,
                           top_layers=lora_layers, ffa=ffa, seed=seed),
         privacy=PrivacySettings(enabled=not no_dp, target_epsilon=epsilon, delta=delta,
@@ -80,9 +110,22 @@ def simulate(
                                       base_model=_path(base_model), out=str(out)),
     )
     try:
+        job.ewc = EWCSettings(method=cl.value, lam=ewc_lambda, gamma=ewc_gamma)
+        job.fisher = FisherSettings(sample_rate=fisher_rate, noise_multiplier=fisher_noise,
+                                    clip_norm=clip_norm, granularity=fisher_granularity)
         job = _preflight(job)
         out.mkdir(parents=True, exist_ok=True)
-        run(job, RichReporter(console), verbose=verbose)
+        if not job.data.periods:
+            run(job, RichReporter(console), verbose=verbose)
+            return
+        from fedseek.aggregator.continual_app import run_continual
+        from fedseek.platform.console import print_cl_table
+
+        arms = tuple(m.strip() for m in compare.split(",") if m.strip())
+        lambdas = tuple(float(x) for x in tune_lambda.split(",") if x.strip())
+        result = run(job, RichReporter(console), verbose=verbose,
+                     run=lambda grid, j, r: run_continual(grid, j, r, compare=arms, tune=lambdas))
+        print_cl_table(console, result)
     except (DataError, ValueError, SimulationError) as err:
         err_console.print(f"[bold red]error:[/] {err}")
         raise typer.Exit(code=2)
@@ -102,10 +145,36 @@ def _preflight(job):
     data = load_federated_data(**data_arguments(job))
     if job.data.data_dir:
         job.federation.institutions = len(data.institutions)
+    if job.data.periods:
+        from fedseek.config import period_names
+
+        period_names(job)  # the scheme applies to this data (>= 2 periods)
+        job.data.period = ""
     tokenizer = load_tokenizer(job.federation.base_model)
     resolve_targets(load_classifier(job.federation.base_model, len(data.label_names),
                                     tokenizer.pad_token_id), job.lora.targets)
     return job
+
+
+def _continual_signature():
+    """`fedseek continual` = `fedseek simulate` with --periods defaulting to the task's scheme."""
+    import inspect
+
+    signature = inspect.signature(simulate, eval_str=True)
+    params = [p.replace(default=typer.Option("auto", help=p.default.help)) if p.name == "periods" else p
+              for p in signature.parameters.values()]
+    return signature.replace(parameters=params)
+
+
+def continual(**options) -> None:
+    """Continual learning: one federated DP-LoRA job per data period (PubMedQA by year, banking77
+    by intent groups, ...), carrying the adapter forward with EWC; prints the accuracy matrix,
+    ACC, BWT and Forgetting and writes a heat-map."""
+    simulate(**options)
+
+
+continual.__signature__ = _continual_signature()
+app.command("continual")(continual)
 
 
 @app.command()

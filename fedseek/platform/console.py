@@ -28,6 +28,8 @@ class RichReporter:
         dp = (f"DP on: target epsilon {job.privacy.target_epsilon:g} per institution, clip "
               f"{job.privacy.clip_norm:g}" if job.privacy.enabled else "DP off (--no-dp)")
         sizes = ", ".join(f"{n} {len(t)}" for n, t in zip(data.institutions, data.train))
+        if job.data.period:
+            self.console.print(f"[bold]period[/] [cyan]{job.data.period}[/] ({job.ewc.method})")
         self.console.print(f"[bold]FedSeek[/] task [cyan]{data.task}[/]: {len(data.label_names)} labels, "
                            f"records {sizes}; global test {len(data.test)}")
         self.console.print(f"{dp}; LoRA rank {job.lora.rank}{' (FFA)' if job.lora.ffa else ''}; "
@@ -61,3 +63,29 @@ class RichReporter:
                            f"(initial {report['initial_accuracy']:.2%}); epsilon spent: {spent}")
         self.console.print(f"adapter: {report['adapter_dir']} ({_bytes(report['adapter_bytes'])}); "
                            f"report: {report['adapter_dir'].rsplit('/', 1)[0]}/report.json")
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def print_cl_table(console: Console, report: dict) -> None:
+    """Accuracy matrix of the main method and a method-comparison table (ACC, BWT, Forgetting)."""
+    main = report["cl"]
+    periods = main["periods"]
+    console.print(f"[bold]accuracy matrix[/] ({main['method']}; rows: after period i, columns: period j)")
+    console.print(f"{'':>14}" + "".join(f"{p:>13}" for p in periods))
+    for name, row in zip(periods if len(main["accuracy_matrix"]) == len(periods) else ["all"],
+                         main["accuracy_matrix"]):
+        console.print(f"{name:>14}" + "".join(f"{_pct(v):>13}" for v in row), highlight=False)
+    console.print(f"[bold]{'method':>12}{'lambda':>8}{'ACC':>8}{'BWT':>8}{'Forget':>8}{'time s':>8}{'max eps':>9}[/]")
+    for summary in [main, *report.get("cl_compare", {}).values()]:
+        lam = "-" if summary["lambda"] is None else f"{summary['lambda']:g}"
+        eps = "-" if summary.get("epsilon_max") is None else f"{summary['epsilon_max']:.2f}"
+        console.print(f"{summary['method']:>12}{lam:>8}{_pct(summary['acc']):>8}{_pct(summary['bwt']):>8}"
+                      f"{_pct(summary['forgetting']):>8}{summary['wall_seconds']:>8.0f}{eps:>9}", highlight=False)
+    if report.get("lambda_selection"):
+        sel = report["lambda_selection"]
+        console.print(f"λ chosen on validation splits: {sel['chosen']:g} {sel['validation_acc']}")
+    console.print(f"heat-map: {report['adapter_dir'].rsplit('/', 1)[0]}/cl_heatmap.png; "
+                  f"report: {report['adapter_dir'].rsplit('/', 1)[0]}/report.json")

@@ -12,26 +12,6 @@ class SimulationError(RuntimeError):
     """The federation did not finish (a ServerApp or ClientApp failed)."""
 
 
-class _Capture:
-    """Wraps the caller's reporter and keeps the final report."""
-
-    def __init__(self, inner):
-        self.inner, self.report = inner, None
-
-    def start(self, job, data, initial):
-        if self.inner:
-            self.inner.start(job, data, initial)
-
-    def round(self, row):
-        if self.inner:
-            self.inner.round(row)
-
-    def finish(self, report):
-        self.report = report
-        if self.inner:
-            self.inner.finish(report)
-
-
 def quiet_environment() -> None:
     """Offline, quiet libraries in this process and the Ray workers it starts."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -50,27 +30,32 @@ def quiet_environment() -> None:
 
 
 def simulate(job: JobConfig, reporter=None, cpus_per_client: float | None = None,
-             verbose: bool = False) -> dict:
-    """Run `job` with `job.federation.institutions` simulated SuperNodes; returns the report."""
+             verbose: bool = False, run=None) -> dict:
+    """Run `job` with `job.federation.institutions` simulated SuperNodes; returns the report.
+    `run(grid, job, reporter)` replaces the single federated job (e.g. a continual sequence)."""
     quiet_environment()
     from flwr.simulation import run_simulation
 
-    from fedseek.aggregator.server_app import make_server_app
+    from fedseek.aggregator.server_app import make_server_app, run_federation
     from fedseek.clients.client_app import app as client_app
 
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.ERROR)
-    capture = _Capture(reporter)
+    kept: dict = {}
+
+    def run_and_keep(grid, job_, reporter_):
+        kept["report"] = (run or run_federation)(grid, job_, reporter_)
+
     cpus = cpus_per_client or float(os.cpu_count() or 1)
     run_simulation(
-        server_app=make_server_app(job, capture), client_app=client_app,
+        server_app=make_server_app(job, reporter, run_and_keep), client_app=client_app,
         num_supernodes=job.federation.institutions,
         backend_config={"client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
                         "init_args": {"num_cpus": int(os.cpu_count() or 1), "log_to_driver": verbose,
                                       "include_dashboard": False}},
         verbose_logging=verbose,
     )
-    if capture.report is None:
+    if "report" not in kept:
         raise SimulationError("the federation did not finish; rerun with --verbose to see the "
                               "ServerApp/ClientApp errors")
-    return capture.report
+    return kept["report"]

@@ -63,23 +63,27 @@ def noise_for_budget(target_epsilon: float, delta: float, sample_rate: float, st
                      spent: Iterable[tuple[float, float, int]] = ()) -> float:
     """Smallest noise multiplier such that `spent` followed by `steps` steps at `sample_rate`
     stays within `target_epsilon` (PRV). Raises ValueError if the budget is already gone."""
-    spent = list(spent)
-    if epsilon(spent, delta) >= target_epsilon:
-        raise ValueError(f"privacy budget epsilon={target_epsilon} is already spent "
-                         f"({epsilon(spent, delta):.3f} at delta={delta:g})")
+    spent = tuple((float(s), float(q), int(n)) for s, q, n in spent)
+    return _noise_after(float(target_epsilon), float(delta), float(sample_rate), int(steps), spent)
+
+
+@lru_cache(maxsize=64)
+def _noise_after(target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                 spent: tuple[tuple[float, float, int], ...]) -> float:
     if not spent:
-        return _fresh_noise(float(target_epsilon), float(delta), float(sample_rate), int(steps))
-    low, high = 0.3, 2.0
-    while epsilon(spent + [(high, sample_rate, steps)], delta) > target_epsilon:
-        low, high = high, high * 2
+        return _fresh_noise(target_epsilon, delta, sample_rate, steps)
+    spent_list = list(spent)
+    if epsilon(spent_list, delta) >= target_epsilon:
+        raise ValueError(f"privacy budget epsilon={target_epsilon} is already spent "
+                         f"({epsilon(spent_list, delta):.3f} at delta={delta:g})")
+    fits = lambda sigma: epsilon(spent_list + [(sigma, sample_rate, steps)], delta) <= target_epsilon  # noqa: E731
+    # more spent budget means more noise: the fresh sigma is a lower bound; widen the upper one
+    low = high = _fresh_noise(target_epsilon, delta, sample_rate, steps)
+    while not fits(high):
+        low, high = high, high * 1.1
         if high > 1e4:
             raise ValueError("no noise multiplier fits the remaining budget")
-    for _ in range(30):  # bisection on sigma: epsilon decreases monotonically in sigma
+    while high - low > 1e-3 * high:  # bisection: epsilon decreases monotonically in sigma
         mid = (low + high) / 2
-        if epsilon(spent + [(mid, sample_rate, steps)], delta) > target_epsilon:
-            low = mid
-        else:
-            high = mid
-        if high - low < 1e-3:
-            break
+        low, high = (low, mid) if fits(mid) else (mid, high)
     return high

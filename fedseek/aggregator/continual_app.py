@@ -1,0 +1,209 @@
+"""Continual learning on the ServerApp: one federated job per data period, in one Flower run.
+
+The global adapter carries over from period to period. With EWC, after each period but the last
+every institution returns its DP Fisher diagonal at the global adapter (`train.fisher`); the
+server aggregates them (example-weighted, FedCurv-style), normalises, consolidates them with the
+anchor θ* and ships both with every later period's train messages (`ewc` record). After each period
+the global adapter is scored on every period's test split: the accuracy matrix a[i][j].
+
+`compare` runs further methods (e.g. naive, joint) in the same run as separate study arms: each arm
+keeps its own privacy history at the institutions (a what-if comparison, not one deployment).
+`tune` picks λ from candidates on the institutions' validation splits of the first two periods
+(never the test set) before the main arm runs.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+from fedseek.aggregator.server_app import Reporter, SilentReporter, _round_row, _tensors, build_report
+from fedseek.aggregator.strategy import AdapterFedAvg
+from fedseek.config import PERIOD_SEPARATOR, JobConfig, job_data, period_names
+from fedseek.continual.ewc import EWCState, consolidate, normalise_fisher
+from fedseek.continual.fisher import weighted_fisher
+from fedseek.continual.report import cl_summary, heatmap_png
+from fedseek.models.classifier import AdapterClassifier
+from fedseek.models.lora import load_trainable_state, trainable_state
+
+logger = logging.getLogger("fedseek")
+
+
+def _records(tensors: dict) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.asarray(v.numpy() if hasattr(v, "numpy") else v)) for k, v in tensors.items()})
+
+
+class ContinualRunner:
+    """Runs period sequences for one task on one grid, sharing the server's model and test sets."""
+
+    def __init__(self, grid: Grid, job: JobConfig, reporter: Reporter | None = None):
+        self.grid, self.job, self.reporter = grid, job, reporter or SilentReporter()
+        self.periods = period_names(job)
+        every = job_data(job, PERIOD_SEPARATOR.join(self.periods))
+        self.label_names = every.label_names
+        self.classifier = AdapterClassifier(job.federation.base_model, len(self.label_names), job.lora,
+                                            job.data.max_length)
+        self.tests = {}
+        for name in self.periods:
+            data = job_data(job, name)
+            self.tests[name] = self.classifier.encode(data.test.texts, data.test.labels,
+                                                      active_labels=data.active_labels)
+        self.initial = _records(trainable_state(self.classifier.model))
+
+    # -- one period ---------------------------------------------------------------------------
+    def period_job(self, method: str, names: list[str], lam: float, fisher_after: bool,
+                   study: str, out: Path) -> JobConfig:
+        job = copy.deepcopy(self.job)
+        job.data.period = PERIOD_SEPARATOR.join(names)
+        job.ewc.method, job.ewc.lam, job.ewc.fisher_after = method, lam, fisher_after
+        job.federation.study, job.federation.out = study, str(out)
+        return job
+
+    def train_period(self, job: JobConfig, arrays: ArrayRecord, state: EWCState) -> dict:
+        started = time.time()
+        data = job_data(job)
+        config = {**job.to_flat(), "label-names": list(self.label_names)}
+        if data.active_labels is not None:
+            config["active-labels"] = list(data.active_labels)
+        train_config = ConfigRecord(config)
+        extra = {"ewc": _records(state.to_flat())} if job.ewc.uses_fisher and len(state) else None
+        strategy = AdapterFedAvg(job.federation.institutions, extra)
+        test = self.tests[job.data.period] if job.data.period in self.tests else None
+        load_trainable_state(self.classifier.model, _tensors(arrays))
+        initial = self.classifier.evaluate(test) if test else {"accuracy": float("nan"), "loss": float("nan")}
+        self.reporter.start(job, data, initial)
+        rows: list[dict] = []
+
+        def evaluate(server_round: int, current: ArrayRecord) -> MetricRecord | None:
+            if server_round == 0 or test is None:
+                return None
+            load_trainable_state(self.classifier.model, _tensors(current))
+            evaluation = self.classifier.evaluate(test)
+            rows.append(_round_row(server_round, evaluation, strategy.round_log.get(server_round, []), started))
+            self.reporter.round(rows[-1])
+            return MetricRecord(evaluation)
+
+        result = strategy.start(grid=self.grid, initial_arrays=arrays, num_rounds=job.federation.rounds,
+                                train_config=train_config, evaluate_fn=evaluate)
+        epsilon = {e["institution"]: e.get("epsilon") for e in strategy.round_log.get(job.federation.rounds, [])}
+        fisher_log: list[dict] = []
+        if job.ewc.fisher_after:
+            fisher, fisher_log = self.federated_fisher(result.arrays, train_config)
+            state = consolidate(state, normalise_fisher(fisher), _tensors(result.arrays), job.ewc)
+            epsilon.update({e["institution"]: e.get("epsilon") for e in fisher_log})
+        load_trainable_state(self.classifier.model, _tensors(result.arrays))
+        report = build_report(job, data, self.classifier, initial, rows, strategy.round_log, started)
+        report.update(period=job.data.period, data_scope=job.data.period_scope, fisher=fisher_log,
+                      epsilon=epsilon if job.privacy.enabled else None)
+        self.reporter.finish(report)
+        return {"arrays": result.arrays, "state": state, "report": report,
+                "seconds": time.time() - started}
+
+    def federated_fisher(self, arrays: ArrayRecord, config: ConfigRecord) -> tuple[dict, list[dict]]:
+        """Every institution's DP Fisher diagonal at `arrays`, aggregated by examples."""
+        messages = [Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=node,
+                            message_type="train.fisher") for node in self.grid.get_node_ids()]
+        fishers, weights, log = [], [], []
+        for reply in self.grid.send_and_receive(messages):
+            if reply.has_error():
+                raise RuntimeError(f"Fisher pass failed at node {reply.metadata.src_node_id}: "
+                                   f"{reply.error.reason}")
+            metrics = reply.content["metrics"]
+            fishers.append(_tensors(reply.content["arrays"]))
+            weights.append(float(metrics["num-examples"]))
+            log.append({"institution": str(reply.content["site"]["institution"]), "kind": "fisher",
+                        **{k.replace("-", "_"): float(v) for k, v in metrics.items()}})
+        return weighted_fisher(fishers, weights), sorted(log, key=lambda e: e["institution"])
+
+    def validate(self, arrays: ArrayRecord, job: JobConfig, period: str) -> float:
+        """Accuracy on the institutions' validation records of `period` (pooled counts)."""
+        pjob = copy.deepcopy(job)
+        pjob.data.period = period
+        data = job_data(pjob)
+        config = {**pjob.to_flat(), "label-names": list(self.label_names)}
+        if data.active_labels is not None:
+            config["active-labels"] = list(data.active_labels)
+        content = RecordDict({"arrays": arrays, "config": ConfigRecord(config)})
+        messages = [Message(content, dst_node_id=node, message_type="evaluate.validation")
+                    for node in self.grid.get_node_ids()]
+        correct = total = 0
+        for reply in self.grid.send_and_receive(messages):
+            if not reply.has_error():
+                correct += int(reply.content["metrics"]["correct"])
+                total += int(reply.content["metrics"]["total"])
+        return correct / total if total else float("nan")
+
+    # -- sequences ----------------------------------------------------------------------------
+    def run_arm(self, method: str, lam: float, study: str, out: Path) -> dict:
+        """The whole period sequence for `method`; joint trains once on all periods."""
+        sequence = [self.periods] if method == "joint" else [[p] for p in self.periods]
+        arrays, state, matrix, reports, started = self.initial, EWCState(), [], [], time.time()
+        uses_fisher = method in ("ewc", "online-ewc")
+        for i, names in enumerate(sequence):
+            job = self.period_job(method, names, lam, uses_fisher and i < len(sequence) - 1, study,
+                                  out / f"period-{i + 1}")
+            done = self.train_period(job, arrays, state)
+            arrays, state = done["arrays"], done["state"]
+            matrix.append([self.classifier.evaluate(self.tests[p])["accuracy"] for p in self.periods])
+            reports.append({"period": job.data.period, "seconds": round(done["seconds"], 1),
+                            "epsilon": done["report"]["epsilon"], "accuracy_row": matrix[-1]})
+        summary = cl_summary(matrix, self.periods, method, lam if uses_fisher else None)
+        epsilons = [r["epsilon"] for r in reports if r["epsilon"]]
+        summary.update(periods_detail=reports, wall_seconds=round(time.time() - started, 1),
+                       epsilon_max=max((v for e in epsilons for v in e.values() if v is not None), default=None),
+                       final_adapter=str(out / f"period-{len(sequence)}" / "adapter"))
+        heatmap_png(summary, out / "cl_heatmap.png")
+        return summary
+
+    def tune_lambda(self, candidates: list[float], out: Path) -> tuple[float, dict]:
+        """λ with the best mean validation accuracy over the first two periods after training
+        them with EWC; period 1 is trained once and shared by all candidates."""
+        method = self.job.ewc.method
+        first = self.train_period(self.period_job(method, self.periods[:1], 0.0, True, "tune",
+                                                  out / "tune" / "period-1"), self.initial, EWCState())
+        scores = {}
+        for lam in candidates:
+            job = self.period_job(method, self.periods[1:2], lam, False, f"tune-{lam:g}",
+                                  out / "tune" / f"lambda-{lam:g}")
+            done = self.train_period(job, first["arrays"], first["state"])
+            scores[lam] = float(np.mean([self.validate(done["arrays"], job, p) for p in self.periods[:2]]))
+        best = max(scores, key=lambda lam: (scores[lam], -lam))
+        return best, {"candidates": candidates, "validation_acc": {f"{k:g}": v for k, v in scores.items()},
+                      "chosen": best, "periods": self.periods[:2],
+                      "note": "validation splits only; the tuning arms spend their own ε on the first "
+                              "two periods' records (a pre-study, reported separately)"}
+
+
+def run_continual(grid: Grid, job: JobConfig, reporter: Reporter | None = None,
+                  compare: tuple[str, ...] = (), tune: tuple[float, ...] = ()) -> dict:
+    """The continual job: the main method's arm (after optional λ tuning) and comparison arms."""
+    started = time.time()
+    out = Path(job.federation.out)
+    runner = ContinualRunner(grid, job, reporter)
+    lam, selection = job.ewc.lam, None
+    if tune and job.ewc.uses_fisher:
+        lam, selection = runner.tune_lambda(list(tune), out)
+    arms = {}
+    for method in (job.ewc.method, *[m for m in compare if m != job.ewc.method]):
+        arms[method] = runner.run_arm(method, lam, method if compare else "", out / method)
+    main = arms[job.ewc.method]
+    final = Path(main["final_adapter"])
+    if (out / "adapter").exists():
+        shutil.rmtree(out / "adapter")
+    shutil.copytree(final, out / "adapter")
+    shutil.copy(out / job.ewc.method / "cl_heatmap.png", out / "cl_heatmap.png")
+    report = {"task": job.data.task, "periods": runner.periods, "dp": job.privacy.enabled,
+              "target_epsilon": job.privacy.target_epsilon if job.privacy.enabled else None,
+              "cl": main, "cl_compare": {m: s for m, s in arms.items() if m != job.ewc.method},
+              "lambda_selection": selection, "adapter_dir": str(out / "adapter"),
+              "config": job.to_flat(), "wall_seconds": round(time.time() - started, 1)}
+    import json
+
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    return report
