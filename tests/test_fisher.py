@@ -7,7 +7,7 @@ import torch
 
 from fedseek.clients.dp_trainer import LocalTrainer, OptimSettings, PrivacySettings
 from fedseek.continual.ewc import EWCState
-from fedseek.continual.fisher import (FisherSettings, clipped_square_sums, expand, group_sums,
+from fedseek.continual.fisher import (FisherSettings, clipped_square_sums, expand, group_sums, restrict_rows,
                                       weighted_fisher)
 from fedseek.models.classifier import AdapterClassifier
 from fedseek.models.lora import LoraSettings
@@ -86,3 +86,10 @@ def test_dp_training_with_ewc_stays_closer_to_the_anchor(trainer_and_data):
 
     free, held = drift(0.0), drift(200.0)
     assert held < 0.5 * free, (free, held)
+
+
+def test_head_fisher_is_restricted_to_the_periods_labels_with_its_total_kept():
+    fisher = {"head": torch.ones(4, 2), "lora": torch.ones(3)}
+    kept = restrict_rows(fisher, ["head"], [1, 2])
+    assert torch.equal(kept["head"][[0, 3]], torch.zeros(2, 2))
+    assert float(kept["head"].sum()) == pytest.approx(8.0) and torch.equal(kept["lora"], fisher["lora"])

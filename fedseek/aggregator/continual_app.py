@@ -14,6 +14,7 @@ keeps its own privacy history at the institutions (a what-if comparison, not one
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import shutil
 import time
@@ -27,7 +28,7 @@ from fedseek.aggregator.server_app import Reporter, SilentReporter, _round_row, 
 from fedseek.aggregator.strategy import AdapterFedAvg
 from fedseek.config import PERIOD_SEPARATOR, JobConfig, job_data, period_names
 from fedseek.continual.ewc import EWCState, consolidate, normalise_fisher
-from fedseek.continual.fisher import weighted_fisher
+from fedseek.continual.fisher import restrict_rows, weighted_fisher
 from fedseek.continual.report import cl_summary, heatmap_png
 from fedseek.models.classifier import AdapterClassifier
 from fedseek.models.lora import load_trainable_state, trainable_state
@@ -95,6 +96,9 @@ class ContinualRunner:
         fisher_log: list[dict] = []
         if job.ewc.fisher_after:
             fisher, fisher_log = self.federated_fisher(result.arrays, train_config)
+            if data.active_labels is not None:
+                heads = [n for n, t in fisher.items() if "modules_to_save" in n and t.shape[0] == len(self.label_names)]
+                fisher = restrict_rows(fisher, heads, list(data.active_labels))
             state = consolidate(state, normalise_fisher(fisher), _tensors(result.arrays), job.ewc)
             epsilon.update({e["institution"]: e.get("epsilon") for e in fisher_log})
         load_trainable_state(self.classifier.model, _tensors(result.arrays))
@@ -181,7 +185,7 @@ class ContinualRunner:
 
 
 def run_continual(grid: Grid, job: JobConfig, reporter: Reporter | None = None,
-                  compare: tuple[str, ...] = (), tune: tuple[float, ...] = ()) -> dict:
+                  compare: tuple[str, ...] = (), tune: tuple[float, ...] = (), tune_only: bool = False) -> dict:
     """The continual job: the main method's arm (after optional λ tuning) and comparison arms."""
     started = time.time()
     out = Path(job.federation.out)
@@ -189,6 +193,11 @@ def run_continual(grid: Grid, job: JobConfig, reporter: Reporter | None = None,
     lam, selection = job.ewc.lam, None
     if tune and job.ewc.uses_fisher:
         lam, selection = runner.tune_lambda(list(tune), out)
+    if tune_only:
+        report = {"task": job.data.task, "periods": runner.periods, "lambda_selection": selection,
+                  "wall_seconds": round(time.time() - started, 1)}
+        (out / "report.json").write_text(json.dumps(report, indent=2))
+        return report
     arms = {}
     for method in (job.ewc.method, *[m for m in compare if m != job.ewc.method]):
         arms[method] = runner.run_arm(method, lam, method if compare else "", out / method)
@@ -203,7 +212,5 @@ def run_continual(grid: Grid, job: JobConfig, reporter: Reporter | None = None,
               "cl": main, "cl_compare": {m: s for m, s in arms.items() if m != job.ewc.method},
               "lambda_selection": selection, "adapter_dir": str(out / "adapter"),
               "config": job.to_flat(), "wall_seconds": round(time.time() - started, 1)}
-    import json
-
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report

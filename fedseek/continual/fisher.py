@@ -84,3 +84,17 @@ def weighted_fisher(fishers: list[Tensors], weights: list[float]) -> Tensors:
     if not fishers or total <= 0:
         raise ValueError("no Fisher diagonals (or zero total weight) to aggregate")
     return {n: sum(f[n] * (w / total) for f, w in zip(fishers, weights)) for n in fishers[0]}
+
+
+def restrict_rows(fisher: Tensors, names: list[str], rows: list[int]) -> Tensors:
+    """Keep the Fisher of `names` (head tensors, one row per label) on `rows` only, preserving each
+    tensor's total: in a task-incremental period the other labels' rows were masked out of training,
+    so they carry no information about it (public knowledge: post-processing, no privacy cost)."""
+    out = dict(fisher)
+    for name in names:
+        tensor = fisher[name]
+        kept = torch.zeros_like(tensor)
+        kept[rows] = tensor[rows]
+        total, remaining = float(tensor.sum()), float(kept.sum())
+        out[name] = kept * (total / remaining) if remaining > 0 else kept
+    return out

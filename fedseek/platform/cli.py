@@ -62,6 +62,8 @@ def simulate(
     seed: int = typer.Option(0, help="Seed for partitioning, sampling and LoRA init."),
     out: Path = typer.Option(Path("runs/latest"), help="Output directory (report.json, adapter/)."),
     verbose: bool = typer.Option(False, help="Show Flower/Ray logs."),
+    cpus_per_client: float = typer.Option(None, min=0.1, help="CPUs Ray reserves per simulated institution "
+                                          "(default: all cores, one institution at a time)."),
     periods: str = typer.Option("", help="Continual learning: period scheme years | intent-groups | "
                                 "condition-groups | column | auto (the task's default); one federated job per period."),
     cl: Method = typer.Option(Method.ewc, help="Continual method (with --periods); joint = one job on all periods (upper bound)."),
@@ -70,6 +72,7 @@ def simulate(
     compare: str = typer.Option("", help="Also run these methods as comparison arms, e.g. 'naive,joint'."),
     tune_lambda: str = typer.Option("", help="Pick λ among these (e.g. '0.1,1,10') on the institutions' "
                                     "validation splits of the first two periods."),
+    tune_only: bool = typer.Option(False, "--tune-only", help="Stop after choosing λ (--tune-lambda)."),
     period_column: str = typer.Option(None, help="Column of your data holding each row's date or period id."),
     period_freq: str = typer.Option("", help="With --period-column of ISO dates: year | quarter."),
     period_groups: int = typer.Option(3, min=2, help="Label groups for intent-groups / condition-groups."),
@@ -116,15 +119,21 @@ def simulate(
         job = _preflight(job)
         out.mkdir(parents=True, exist_ok=True)
         if not job.data.periods:
-            run(job, RichReporter(console), verbose=verbose)
+            run(job, RichReporter(console), cpus_per_client=cpus_per_client, verbose=verbose)
             return
         from fedseek.aggregator.continual_app import run_continual
         from fedseek.platform.console import print_cl_table
 
         arms = tuple(m.strip() for m in compare.split(",") if m.strip())
         lambdas = tuple(float(x) for x in tune_lambda.split(",") if x.strip())
-        result = run(job, RichReporter(console), verbose=verbose,
-                     run=lambda grid, j, r: run_continual(grid, j, r, compare=arms, tune=lambdas))
+        result = run(job, RichReporter(console), cpus_per_client=cpus_per_client, verbose=verbose,
+                     run=lambda grid, j, r: run_continual(grid, j, r, compare=arms, tune=lambdas,
+                                                          tune_only=tune_only))
+        if tune_only:
+            selection = result["lambda_selection"] or {}
+            console.print(f"λ chosen on validation splits: {selection.get('chosen')} "
+                          f"{selection.get('validation_acc')}")
+            return
         print_cl_table(console, result)
     except (DataError, ValueError, SimulationError) as err:
         err_console.print(f"[bold red]error:[/] {err}")
