@@ -1,5 +1,7 @@
 """End to end: `fedseek continual` runs two banking77 periods (intent groups) over 3 simulated banks
-with DP, EWC and a naive comparison arm in one real Flower simulation."""
+with DP, λ tuning on validation splits, EWC and a naive comparison arm in one real Flower
+simulation. (That EWC forgets less than naive is asserted in test_ewc_forgetting.py, on a setting
+large enough to forget; this run is kept small.)"""
 from __future__ import annotations
 
 import json
@@ -15,8 +17,8 @@ TARGET_EPSILON = 8.0
 @pytest.fixture(scope="module")
 def continual_run(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("continual")
-    proc = fedseek("continual", "--task", "banking77", "--period-groups", "2", "--max-train-rows", "1500",
-                   "--rounds", "2", "--local-steps", "6", "--batch-fraction", "0.25", "--ewc-lambda", "5",
+    proc = fedseek("continual", "--task", "banking77", "--period-groups", "2", "--max-train-rows", "900",
+                   "--rounds", "1", "--local-steps", "4", "--batch-fraction", "0.25", "--ewc-lambda", "5",
                    "--epsilon", str(TARGET_EPSILON), "--compare", "naive", "--tune-lambda", "0.5,5",
                    "--seed", "0", "--out", str(out), timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -34,12 +36,6 @@ def test_report_has_the_cl_block_and_heatmap(continual_run):
     assert (out / "cl_heatmap.png").stat().st_size > 5000
     assert (out / "adapter" / "adapter_config.json").is_file()
     assert "accuracy matrix" in continual_run["stdout"] and "naive" in continual_run["stdout"]
-
-
-def test_ewc_forgets_less_than_naive(continual_run):
-    ewc, naive = continual_run["report"]["cl"], continual_run["report"]["cl_compare"]["naive"]
-    assert naive["forgetting"] > 0.02, "the setting must make naive fine-tuning forget"
-    assert ewc["forgetting"] < naive["forgetting"] - 0.02, (ewc["accuracy_matrix"], naive["accuracy_matrix"])
 
 
 def test_fisher_pass_is_charged_within_the_period_budget(continual_run):
