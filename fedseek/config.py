@@ -7,6 +7,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedseek.aggregator.compression import CompressionSettings
 from fedseek.clients.dp_trainer import OptimSettings, PrivacySettings
 from fedseek.models.lora import LoraSettings
 
@@ -45,6 +46,7 @@ class JobConfig:
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
     optim: OptimSettings = field(default_factory=OptimSettings)
     federation: FederationSettings = field(default_factory=FederationSettings)
+    compression: CompressionSettings = field(default_factory=CompressionSettings)
 
     def to_flat(self) -> dict[str, Any]:
         """`section.field` -> value; None values are left out (ConfigRecord has no None)."""

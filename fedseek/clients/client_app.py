@@ -15,6 +15,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedseek.aggregator.compression import CompressionSettings, compress, delta_between
 from fedseek.clients.dp_trainer import LocalTrainer
 from fedseek.config import JobConfig, data_arguments
 from fedseek.data.loader import read_labelled_file
@@ -24,6 +25,7 @@ from fedseek.models.lora import load_trainable_state, trainable_state
 
 app = ClientApp()
 PRIVACY_STATE = "privacy-history"
+COMPRESSION_STATE = "compression-residual"
 
 
 @lru_cache(maxsize=2)
@@ -69,6 +71,20 @@ def _history(context: Context) -> list[tuple[float, float, int]]:
     return list(zip(record["sigma"], record["q"], record["steps"]))
 
 
+def upload(trained: dict[str, np.ndarray], received: dict[str, np.ndarray], context: Context,
+           settings: CompressionSettings) -> dict[str, np.ndarray]:
+    """What the institution sends: its trained tensors, or with compression its encoded delta
+    against the received global adapter (the encoding error kept in the node state for next round)."""
+    if not settings.enabled:
+        return trained
+    residual = ({k: v.numpy() for k, v in context.state[COMPRESSION_STATE].items()}
+                if COMPRESSION_STATE in context.state else None)
+    payload, residual = compress(delta_between(trained, received), settings, residual)
+    if residual:
+        context.state[COMPRESSION_STATE] = ArrayRecord({k: Array(v) for k, v in residual.items()})
+    return payload
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
@@ -85,7 +101,9 @@ def train(msg: Message, context: Context) -> Message:
         context.state[PRIVACY_STATE] = ConfigRecord({
             "sigma": [float(h[0]) for h in result.history], "q": [float(h[1]) for h in result.history],
             "steps": [int(h[2]) for h in result.history]})
-    arrays = ArrayRecord({k: Array(v.numpy()) for k, v in trainable_state(trainer.classifier.model).items()})
+    trained = {k: v.numpy() for k, v in trainable_state(trainer.classifier.model).items()}
+    sent = upload(trained, {k: v.numpy() for k, v in received.items()}, context, job.compression)
+    arrays = ArrayRecord({k: Array(v) for k, v in sent.items()})
     metrics = MetricRecord({
         "num-examples": len(data), "train-loss-first": result.loss_before,
         "train-loss-last": result.loss_after, "delta": result.delta,
