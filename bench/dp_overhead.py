@@ -45,7 +45,8 @@ def base_dir(name: str) -> str | None:
 class Stepper:
     """One model + optimizer for one variant; `step()` is one logical DP-SGD (or plain) step."""
 
-    def __init__(self, variant: str, base: str | None, top_layers: int, batch: int, targets: str = TARGETS):
+    def __init__(self, variant: str, base: str | None, top_layers: int, batch: int, targets: str = TARGETS,
+                 bf16: bool = False, checkpointing: bool = False):
         from opacus import GradSampleModule
         from opacus.grad_sample import GradSampleModuleFastGradientClipping
         from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
@@ -74,11 +75,16 @@ class Stepper:
                 self.clf.model, batch_first=True, loss_reduction="mean", max_grad_norm=1.0, use_ghost_clipping=True)
             self.optimizer = DPOptimizerFastGradientClipping(adam, **dp, loss_reduction="mean")
             self.loss = DPLossFastGradientClipping(self.module, self.optimizer, nn.CrossEntropyLoss(), "mean")
+        if checkpointing:  # recompute each decoder layer's activations in the backward pass
+            self.clf.model.base_model.model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.bf16 = bf16
         self.clf.model.train()
 
     def step(self) -> float:
-        logits = self.clf.logits(self.data, self.index)
-        loss = self.loss(logits, self.data.labels[self.index])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            logits = self.clf.logits(self.data, self.index)
+        loss = self.loss(logits.float(), self.data.labels[self.index])
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+import bench_io  # noqa: F401 - one torch thread on the shared machine
 from fedseek.aggregator.aggregation import StreamingAverage
 from fedseek.aggregator.compression import (CompressionSettings, apply_delta, compress, decode,
                                             delta_between, payload_bytes)
