@@ -12,15 +12,16 @@ DeepSeek-V3 (671B) config, counted on PyTorch's meta device (no weights are buil
 from __future__ import annotations
 
 import argparse
+import json
 
 import numpy as np
 
-from bench_io import pyplot, save_figure, write_json
+from bench_io import RESULTS, pyplot, save_figure, write_json
 from inprocess_federation import InProcessJob, run
 from fedseek.aggregator.compression import CompressionSettings, encode, payload_bytes
 
-SETTINGS = [("none", 0.0), ("fp16", 0.0), ("int8", 0.0), ("int8", 0.25), ("int8", 0.1)]
-TRAINED = ["none", "int8", "int8+top25%"]  # accuracy measured (2-core budget); bytes for all
+SETTINGS = [("none", 0.0), ("fp16", 0.0), ("int8", 0.0), ("int4", 0.0), ("int8", 0.25), ("int8", 0.1)]
+TRAINED = ["none", "int8", "int4", "int8+top25%"]  # accuracy measured (2-core budget); bytes for all
 
 
 def label(codec: str, topk: float) -> str:
@@ -71,14 +72,19 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--local-steps", type=int, default=12)
     p.add_argument("--train", nargs="+", default=TRAINED, help="settings whose accuracy is measured")
+    p.add_argument("--reuse", action="store_true", help="keep the runs of the saved JSON, run only new settings")
     a = p.parse_args()
     from fedseek.models.loading import base_model_bytes
 
     base_bytes = base_model_bytes(None)
     runs = []
+    if a.reuse and (RESULTS / "communication.json").is_file():
+        runs = [r for r in json.loads((RESULTS / "communication.json").read_text())["runs"]
+                if r["seed"] in a.seeds and len(r["accuracy_per_round"]) == a.rounds]
     for seed in a.seeds:
         for codec, topk in SETTINGS:  # interleaved per seed
-            if label(codec, topk) not in a.train:
+            if label(codec, topk) not in a.train or any(
+                    r["setting"] == label(codec, topk) and r["seed"] == seed for r in runs):
                 continue
             job = InProcessJob(seed=seed, rounds=a.rounds, local_steps=a.local_steps,
                                compression=CompressionSettings(codec=codec, topk=topk))
@@ -116,8 +122,8 @@ def main() -> None:
              title="banking77, 3 banks: compression vs accuracy")
     names = [r["model"] for r in scale]
     for k, (codec, topk) in enumerate(SETTINGS):
-        right.bar(np.arange(len(names)) + 0.16 * (k - 2), [100 * r[label(codec, topk)]["fraction_of_base_bf16"]
-                                                           for r in scale], 0.16, label=label(codec, topk))
+        right.bar(np.arange(len(names)) + 0.14 * (k - 2.5), [100 * r[label(codec, topk)]["fraction_of_base_bf16"]
+                                                           for r in scale], 0.14, label=label(codec, topk))
     right.axhline(0.5, color="k", ls="--", lw=0.8, label="goal 0.5 %")
     right.set_yscale("log")
     right.set_xticks(range(len(names)), [n.split(" (")[0] for n in names], fontsize=8)

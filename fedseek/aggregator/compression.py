@@ -6,6 +6,7 @@ Codecs (`CompressionSettings.codec`):
   fp16  the delta in half precision (2x fewer bytes)
   int8  symmetric int8 with one float32 scale per channel: the slices along the longer axis of a
         2-D tensor (one per LoRA rank row/column, one per head class), one scale for 1-D (~4x)
+  int4  the same with 15 levels (-7..7), two codes packed per byte (~8x); meant with error feedback
 `topk` (fraction f > 0) additionally keeps only the f largest-magnitude entries of each tensor,
 their positions sent as a packed bitmask (1 bit per entry) and their values with the codec.
 With `error_feedback` the client adds what the encoding dropped last round (its residual) to the
@@ -22,7 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 
 Tensors = Mapping[str, np.ndarray]
-CODECS = ("none", "fp16", "int8")
+CODECS = ("none", "fp16", "int8", "int4")
+LEVELS = {"int8": 127, "int4": 7}
 SCALE, MASK = "#scale", "#mask"
 
 
@@ -30,7 +32,7 @@ SCALE, MASK = "#scale", "#mask"
 class CompressionSettings:
     """How institutions encode their adapter updates for upload."""
 
-    codec: str = "none"  # none | fp16 | int8
+    codec: str = "none"  # none | fp16 | int8 | int4
     topk: float = 0.0  # keep this fraction of each tensor's delta entries (0 = all)
     error_feedback: bool = True  # carry the encoding error into the next round's delta
 
@@ -46,36 +48,47 @@ class CompressionSettings:
             raise ValueError(f"topk must be a fraction in [0, 1), got {self.topk}")
 
 
-def _quantize_int8(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """int8 codes and float32 scales (one per channel of a 2-D tensor, else one)."""
+def _quantize(values: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Integer codes in [-levels, levels] and float32 scales (one per channel of a 2-D tensor)."""
     x = np.asarray(values, dtype=np.float32)
     if x.ndim == 2:
         axis = 1 if x.shape[1] >= x.shape[0] else 0  # reduce along the longer axis
         peak = np.max(np.abs(x), axis=axis, keepdims=True)
     else:
         peak = np.max(np.abs(x), keepdims=True) if x.size else np.zeros(1, np.float32)
-    scale = (peak / 127.0).astype(np.float32)  # keeps its broadcastable shape: (rows, 1) or (1, cols)
+    scale = (peak / levels).astype(np.float32)  # keeps its broadcastable shape: (rows, 1) or (1, cols)
     codes = np.round(x / np.where(scale > 0, scale, 1.0))
-    return np.clip(codes, -127, 127).astype(np.int8), scale
+    return np.clip(codes, -levels, levels).astype(np.int8), scale
 
 
-def _dequantize_int8(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    return codes.astype(np.float32) * scale.astype(np.float32)
+def _pack_int4(codes: np.ndarray) -> np.ndarray:
+    nibbles = (codes.reshape(-1).astype(np.int16) + 8).astype(np.uint8)
+    nibbles = np.append(nibbles, np.uint8(8)) if nibbles.size % 2 else nibbles
+    return nibbles[0::2] | (nibbles[1::2] << 4)
+
+
+def _unpack_int4(packed: np.ndarray, shape: tuple) -> np.ndarray:
+    nibbles = np.stack([packed & 0x0F, packed >> 4], axis=1).reshape(-1)
+    return (nibbles[:int(np.prod(shape))].astype(np.int8) - 8).reshape(shape)
 
 
 def _encode_values(name: str, values: np.ndarray, codec: str, payload: dict) -> None:
-    if codec == "int8":
-        payload[name], payload[name + SCALE] = _quantize_int8(values)
+    if codec in LEVELS:
+        codes, payload[name + SCALE] = _quantize(values, LEVELS[codec])
+        payload[name] = _pack_int4(codes) if codec == "int4" else codes
     elif codec == "fp16":
         payload[name] = values.astype(np.float16)
     else:
         payload[name] = values.astype(np.float32)
 
 
-def _decode_values(name: str, payload: Tensors) -> np.ndarray:
-    if name + SCALE in payload:
-        return _dequantize_int8(np.asarray(payload[name]), np.asarray(payload[name + SCALE]))
-    return np.asarray(payload[name], dtype=np.float32)
+def _decode_values(name: str, payload: Tensors, shape: tuple) -> np.ndarray:
+    """The float32 values of `name` (of `shape`: the tensor's, or (k,) for top-k values)."""
+    data = np.asarray(payload[name])
+    if name + SCALE not in payload:
+        return data.astype(np.float32).reshape(shape)
+    codes = _unpack_int4(data, shape) if data.dtype == np.uint8 else data.reshape(shape)
+    return codes.astype(np.float32) * np.asarray(payload[name + SCALE], dtype=np.float32)
 
 
 def encode(delta: Tensors, settings: CompressionSettings) -> dict[str, np.ndarray]:
@@ -102,15 +115,15 @@ def decode(payload: Tensors, like: Tensors) -> dict[str, np.ndarray]:
     for name, reference in like.items():
         if name not in payload:
             raise KeyError(f"compressed update lacks tensor {name}")
-        shape = np.shape(reference)
-        values = _decode_values(name, payload)
+        shape = tuple(np.shape(reference))
         if name + MASK in payload:
             size = int(np.prod(shape))
             mask = np.unpackbits(np.asarray(payload[name + MASK]), count=size).astype(bool)
             dense = np.zeros(size, dtype=np.float32)
-            dense[mask] = values
-            values = dense
-        out[name] = values.reshape(shape)
+            dense[mask] = _decode_values(name, payload, (int(mask.sum()),))
+            out[name] = dense.reshape(shape)
+        else:
+            out[name] = _decode_values(name, payload, shape)
     return out
 
 

@@ -25,6 +25,7 @@ class Compression(str, Enum):
     none = "none"
     fp16 = "fp16"
     int8 = "int8"
+    int4 = "int4"
 
 
 class Targets(str, Enum):
@@ -57,7 +58,7 @@ def simulate(
     lora_layers: int = typer.Option(1, min=0, help="Adapt only the top N decoder layers (0 = all)."),
     ffa: bool = typer.Option(False, "--ffa", help="FFA-LoRA: freeze A at a shared seed, train/send only B."),
     base_model: Path = typer.Option(None, help="Local checkpoint directory (DeepSeek-V2/V3, R1-Distill Qwen/Llama); default: embedded."),
-    compression: Compression = typer.Option(Compression.none, help="Upload adapter deltas as fp16 or int8 (per-channel scales) instead of float32."),
+    compression: Compression = typer.Option(Compression.none, help="Upload adapter deltas as fp16, int8 or int4 (per-channel scales) instead of float32."),
     topk: float = typer.Option(0.0, min=0.0, max=0.99, help="Upload only this fraction of each delta's largest entries (0 = all; error feedback keeps the rest)."),
     max_train_rows: int = typer.Option(0, min=0, help="Use at most this many training rows in total (0 = all)."),
     seed: int = typer.Option(0, help="Seed for partitioning, sampling and LoRA init."),
