@@ -64,7 +64,7 @@ def memory_flags() -> dict:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--task", default="medical_abstracts")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--seeds", type=int, nargs="*", default=[0, 1], help="none: memory flags only")
     p.add_argument("--probe", nargs=2)
     a = p.parse_args()
     if a.probe:
@@ -79,7 +79,7 @@ def main() -> None:
                               "accuracy_per_round": [r["accuracy"] for r in result["rounds"]]})
             print(schedules[-1], flush=True)
     summary = {name: float(np.mean([s["final_accuracy"] for s in schedules if s["schedule"] == name]))
-               for name in SCHEDULES}
+               for name in SCHEDULES if schedules}
     write_json("recipe", {"command": f"python bench/recipe.py --task {a.task} --seeds {' '.join(map(str, a.seeds))}",
                           "schedules": schedules, "schedule_mean_accuracy": summary,
                           "memory_flags": memory, "memory_model": "random-init ~100M DeepSeek-V3, LoRA all layers",
@@ -87,7 +87,7 @@ def main() -> None:
                           "bf16_note": "this CPU (AMD EPYC, AVX2) has no native bf16: autocast is emulated"})
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for name in SCHEDULES:
+    for name in SCHEDULES if schedules else []:
         curves = np.array([s["accuracy_per_round"] for s in schedules if s["schedule"] == name])
         left.plot(range(1, curves.shape[1] + 1), 100 * curves.mean(0), "o-", label=name)
     left.set(xlabel="round", ylabel="test accuracy (%, mean of seeds)", title=f"{a.task}: LR schedule, DP eps=8")
