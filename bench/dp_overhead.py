@@ -9,7 +9,7 @@ growth (Linux VmHWM, reset via /proc/self/clear_refs) over the loaded model and 
 LoRA targets: the MLA attention projections except `kv_b_proj`, on which Opacus 1.6 ghost clipping
 fails (4-D input; the error is recorded); hooks and non-DP use the same targets for a fair ratio.
 
-    python bench/dp_overhead.py [--reps 7]
+    python bench/dp_overhead.py [--reps 7] [--configs 0 1 2 3] [--reuse]
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ TARGETS = "q_a_proj,q_b_proj,kv_a_proj_with_mqa,o_proj"
 VARIANTS = ("non-DP", "DP hooks", "DP ghost")
 LARGE_DIR = RESULTS.parent / ".cache" / "deepseek-v3-100m"
 CONFIGS = [  # (name, top LoRA layers, batch)
-    ("embedded 3.4M", 1, 256), ("embedded 3.4M", 0, 256), ("random ~100M", 1, 64), ("random ~100M", 0, 64)]
+    ("embedded 3.4M", 1, 256), ("embedded 3.4M", 0, 256), ("random ~100M", 1, 64), ("random ~100M", 0, 16)]
 
 
 def base_dir(name: str) -> str | None:
@@ -161,20 +161,30 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--probe", nargs=2, metavar=("CONFIG", "VARIANT"))
+    p.add_argument("--configs", type=int, nargs="+", default=list(range(len(CONFIGS))))
+    p.add_argument("--reuse", action="store_true", help="keep the rows of the saved JSON, run only missing ones")
     a = p.parse_args()
     torch.manual_seed(0)
     if a.probe:
         print(json.dumps(probe_memory(*CONFIGS[int(a.probe[0])][:3], a.probe[1])))
         return
-    default_ghost = ghost_on_default_targets()
-    rows = []
-    for i, (name, top, batch) in enumerate(CONFIGS):
+    saved = json.loads((RESULTS / "dp_overhead.json").read_text()) if a.reuse else {}
+    state = {"command": f"python bench/dp_overhead.py --reps {a.reps}", "targets": TARGETS,
+             "ghost_on_default_attention_preset": saved.get("ghost_on_default_attention_preset")
+             or ghost_on_default_targets(), "device": "cpu", "gpu": "none available in this session",
+             "rows": saved.get("rows", [])}
+    for i in a.configs:
+        name, top, batch = CONFIGS[i]
+        done = [r for r in state["rows"] if (r["model"], r["lora_layers"], r["batch"])
+                == (name, "top 1" if top else "all", batch)]
+        if done:
+            continue
         row = time_config(name, top, batch, a.reps)
+        row["reps"] = a.reps
         row["memory"] = memory_config(i)
-        rows.append(row)
-    write_json("dp_overhead", {"command": f"python bench/dp_overhead.py --reps {a.reps}", "targets": TARGETS,
-                               "ghost_on_default_attention_preset": default_ghost, "device": "cpu",
-                               "gpu": "none available in this session", "rows": rows})
+        state["rows"].append(row)
+        write_json("dp_overhead", state)
+    rows = state["rows"]
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     labels = [f"{r['model']}\nLoRA {r['lora_layers']}, B={r['batch']}" for r in rows]

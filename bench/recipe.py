@@ -3,11 +3,12 @@
 1. Learning-rate schedule: the default federated DP job (3 institutions, 5 rounds x 12 steps,
    eps = 8) with 5 % linear warmup + cosine decay (the default) vs 5 % warmup + constant vs
    constant without warmup, in process, same seeds.
-2. Memory flags on the ~100M random-init DeepSeek-V3 (LoRA on every layer, so activations of all
-   layers are kept for the backward pass): fp32 vs bf16 autocast vs gradient checkpointing, without
-   DP and with DP-SGD (Opacus hooks). Peak RSS growth of 3 steps in a fresh process per variant.
+2. Memory flags, LoRA on every layer (so activations of all layers are kept for the backward
+   pass): fp32 vs bf16 autocast vs gradient checkpointing, without DP and with DP-SGD (Opacus
+   hooks), on the embedded model (or `--memory-model 100m`: the ~100M random-init DeepSeek-V3).
+   Peak RSS growth and median time of 3 steps in a fresh process per variant.
 
-    python bench/recipe.py [--task medical_abstracts] [--seeds 0 1]
+    python bench/recipe.py [--task medical_abstracts] [--seeds 0 1] [--memory-model embedded]
 """
 from __future__ import annotations
 
@@ -26,10 +27,10 @@ SCHEDULES = {"warmup 5% + cosine (default)": dict(schedule="cosine", warmup=0.05
              "warmup 5% + constant": dict(schedule="constant", warmup=0.05),
              "constant, no warmup": dict(schedule="constant", warmup=0.0)}
 FLAGS = {"fp32": {}, "bf16 autocast": {"bf16": True}, "gradient checkpointing": {"checkpointing": True}}
-MEMORY_BATCH = 16
+MEMORY_BATCH = 32
 
 
-def probe(flag: str, variant: str) -> dict:
+def probe(flag: str, variant: str, model: str) -> dict:
     """In a fresh process: step memory and time of one variant (see dp_overhead.probe_memory)."""
     import gc
     from pathlib import Path
@@ -37,7 +38,8 @@ def probe(flag: str, variant: str) -> dict:
     from dp_overhead import LARGE_DIR, Stepper, _rss_kib
     from large_model import save_large_checkpoint
 
-    stepper = Stepper(variant, str(save_large_checkpoint(LARGE_DIR)), 0, MEMORY_BATCH, **FLAGS[flag])
+    base = str(save_large_checkpoint(LARGE_DIR)) if model == "100m" else None
+    stepper = Stepper(variant, base, 0, MEMORY_BATCH, **FLAGS[flag])
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")
     before = _rss_kib("VmRSS:")
@@ -49,11 +51,11 @@ def probe(flag: str, variant: str) -> dict:
     return {"step_peak_mib": (_rss_kib("VmHWM:") - before) / 1024, "median_step_s": float(np.median(times))}
 
 
-def memory_flags() -> dict:
+def memory_flags(model: str) -> dict:
     out: dict[str, dict] = {}
     for flag in FLAGS:
         for variant in ("non-DP", "DP hooks"):
-            proc = subprocess.run([sys.executable, __file__, "--probe", flag, variant], capture_output=True, text=True)
+            proc = subprocess.run([sys.executable, __file__, "--probe", flag, variant, model], capture_output=True, text=True)
             lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
             out[f"{flag} | {variant}"] = (json.loads(lines[-1]) if proc.returncode == 0 and lines
                                           else {"error": proc.stderr.strip().splitlines()[-1][:300]})
@@ -65,12 +67,13 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--task", default="medical_abstracts")
     p.add_argument("--seeds", type=int, nargs="*", default=[0, 1], help="none: memory flags only")
-    p.add_argument("--probe", nargs=2)
+    p.add_argument("--memory-model", choices=["embedded", "100m"], default="embedded")
+    p.add_argument("--probe", nargs=3)
     a = p.parse_args()
     if a.probe:
         print(json.dumps(probe(*a.probe)))
         return
-    memory = memory_flags()
+    memory = memory_flags(a.memory_model)
     schedules = []
     for seed in a.seeds:
         for name, settings in SCHEDULES.items():  # interleaved per seed
@@ -80,9 +83,10 @@ def main() -> None:
             print(schedules[-1], flush=True)
     summary = {name: float(np.mean([s["final_accuracy"] for s in schedules if s["schedule"] == name]))
                for name in SCHEDULES if schedules}
-    write_json("recipe", {"command": f"python bench/recipe.py --task {a.task} --seeds {' '.join(map(str, a.seeds))}",
+    write_json("recipe", {"command": f"python bench/recipe.py --task {a.task} --seeds {' '.join(map(str, a.seeds))}"
+                          f" --memory-model {a.memory_model}",
                           "schedules": schedules, "schedule_mean_accuracy": summary,
-                          "memory_flags": memory, "memory_model": "random-init ~100M DeepSeek-V3, LoRA all layers",
+                          "memory_flags": memory, "memory_model": f"{a.memory_model}, LoRA on all layers",
                           "memory_batch": MEMORY_BATCH,
                           "bf16_note": "this CPU (AMD EPYC, AVX2) has no native bf16: autocast is emulated"})
     plt = pyplot()
@@ -96,7 +100,7 @@ def main() -> None:
     right.barh(range(len(names)), [memory[k]["step_peak_mib"] for k in names])
     right.set_yticks(range(len(names)), names, fontsize=7)
     right.set(xlabel="peak memory of 3 steps above the loaded model (MiB)",
-              title=f"~100M model, LoRA all layers, batch {MEMORY_BATCH}")
+              title=f"{a.memory_model} model, LoRA all layers, batch {MEMORY_BATCH}")
     save_figure(fig, "recipe")
 
 
