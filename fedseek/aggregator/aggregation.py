@@ -6,36 +6,58 @@ and averaged, and then mean(B)·A == mean(B·A) exactly.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
 Tensors = Mapping[str, np.ndarray]
 
 
-def weighted_average(updates: Sequence[Tensors], weights: Sequence[float]) -> dict[str, np.ndarray]:
-    """Example-weighted mean of each named tensor; every update must carry the same names/shapes."""
-    if not updates:
-        raise ValueError("no updates to aggregate")
-    if len(updates) != len(weights):
-        raise ValueError(f"{len(updates)} updates but {len(weights)} weights")
-    w = np.asarray(weights, dtype=np.float64)
-    if np.any(w < 0) or w.sum() <= 0:
-        raise ValueError(f"weights must be non-negative with a positive sum, got {list(weights)}")
-    w = w / w.sum()
-    names = set(updates[0])
-    out: dict[str, np.ndarray] = {}
-    for i, update in enumerate(updates):
-        if set(update) != names:
-            raise ValueError(f"update {i} has tensors {sorted(set(update) ^ names)[:5]} that others lack")
+class StreamingAverage:
+    """Example-weighted mean built one update at a time: memory is one float64 adapter, however
+    many institutions report (the whole list of updates is never held)."""
+
+    def __init__(self):
+        self.sums: dict[str, np.ndarray] = {}
+        self.dtypes: dict[str, np.dtype] = {}
+        self.total_weight = 0.0
+        self.count = 0
+
+    def add(self, update: Tensors, weight: float) -> None:
+        if weight < 0:
+            raise ValueError(f"weights must be non-negative with a positive sum, got {weight}")
+        if self.count and set(update) != set(self.sums):
+            raise ValueError(f"update {self.count} has tensors "
+                             f"{sorted(set(update) ^ set(self.sums))[:5]} that others lack")
         for name, value in update.items():
-            value = np.asarray(value, dtype=np.float64)
-            if name in out and out[name].shape != value.shape:
-                raise ValueError(f"update {i}: tensor {name} has shape {value.shape}, "
-                                 f"expected {out[name].shape}")
-            out[name] = out.get(name, 0.0) + w[i] * value
-    dtypes = {name: np.asarray(value).dtype for name, value in updates[0].items()}
-    return {name: value.astype(dtypes[name]) for name, value in out.items()}
+            value = np.asarray(value)
+            if not self.count:
+                self.dtypes[name] = value.dtype
+                self.sums[name] = np.zeros(value.shape, dtype=np.float64)
+            elif self.sums[name].shape != value.shape:
+                raise ValueError(f"update {self.count}: tensor {name} has shape {value.shape}, "
+                                 f"expected {self.sums[name].shape}")
+            self.sums[name] += weight * value.astype(np.float64, copy=False)
+        self.total_weight += float(weight)
+        self.count += 1
+
+    def result(self) -> dict[str, np.ndarray]:
+        if not self.count:
+            raise ValueError("no updates to aggregate")
+        if self.total_weight <= 0:
+            raise ValueError(f"weights must be non-negative with a positive sum, got {self.total_weight}")
+        return {name: (total / self.total_weight).astype(self.dtypes[name]) for name, total in self.sums.items()}
+
+
+def weighted_average(updates: Iterable[Tensors], weights: Iterable[float]) -> dict[str, np.ndarray]:
+    """Example-weighted mean of each named tensor; every update must carry the same names/shapes.
+    Consumes `updates` one at a time (pass a generator to keep only one in memory)."""
+    if isinstance(updates, Sequence) and isinstance(weights, Sequence) and len(updates) != len(weights):
+        raise ValueError(f"{len(updates)} updates but {len(weights)} weights")
+    average = StreamingAverage()
+    for update, weight in zip(updates, weights, strict=True):
+        average.add(update, weight)
+    return average.result()
 
 
 def lora_pairs(tensors: Tensors) -> dict[str, tuple[str, str]]:

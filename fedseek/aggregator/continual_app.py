@@ -74,7 +74,7 @@ class ContinualRunner:
             config["active-labels"] = list(data.active_labels)
         train_config = ConfigRecord(config)
         extra = {"ewc": _records(state.to_flat())} if job.ewc.uses_fisher and len(state) else None
-        strategy = AdapterFedAvg(job.federation.institutions, extra)
+        strategy = AdapterFedAvg(job.federation.institutions, job.compression, extra_records=extra)
         test = self.tests[job.data.period] if job.data.period in self.tests else None
         load_trainable_state(self.classifier.model, _tensors(arrays))
         initial = self.classifier.evaluate(test) if test else {"accuracy": float("nan"), "loss": float("nan")}

@@ -57,7 +57,7 @@ def run_federation(grid: Grid, job: JobConfig, reporter: Reporter | None = None)
     initial_arrays = ArrayRecord({k: Array(v.numpy()) for k, v in trainable_state(classifier.model).items()})
     initial = classifier.evaluate(test)
     reporter.start(job, data, initial)
-    strategy = AdapterFedAvg(job.federation.institutions)
+    strategy = AdapterFedAvg(job.federation.institutions, job.compression)
     rows: list[dict] = []
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:

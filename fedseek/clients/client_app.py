@@ -22,6 +22,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedseek.aggregator.compression import CompressionSettings, compress, delta_between
 from fedseek.clients.dp_trainer import LocalTrainer
 from fedseek.config import PERIOD_SEPARATOR, JobConfig, job_data
 from fedseek.continual.ewc import EWCState
@@ -33,6 +34,7 @@ from fedseek.privacy.accountant import default_delta, epsilon
 
 app = ClientApp()
 PRIVACY_STATE = "privacy-history"
+COMPRESSION_STATE = "compression-residual"
 
 
 @lru_cache(maxsize=2)
@@ -124,6 +126,20 @@ def _site_seed(job: JobConfig, name: str) -> int:
     return job.federation.seed * 7919 + zlib.crc32((name + job.data.period).encode())
 
 
+def upload(trained: dict[str, np.ndarray], received: dict[str, np.ndarray], context: Context,
+           settings: CompressionSettings) -> dict[str, np.ndarray]:
+    """What the institution sends: its trained tensors, or with compression its encoded delta
+    against the received global adapter (the encoding error kept in the node state for next round)."""
+    if not settings.enabled:
+        return trained
+    residual = ({k: v.numpy() for k, v in context.state[COMPRESSION_STATE].items()}
+                if COMPRESSION_STATE in context.state else None)
+    payload, residual = compress(delta_between(trained, received), settings, residual)
+    if residual:
+        context.state[COMPRESSION_STATE] = ArrayRecord({k: Array(v) for k, v in residual.items()})
+    return payload
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     config, job, trainer, name, data, _ = _setup(msg, context)
@@ -137,7 +153,10 @@ def train(msg: Message, context: Context) -> Message:
                                  planned=planned if job.privacy.enabled else [])
     if result.history:
         _save_history(context, job, result.history)
-    arrays = ArrayRecord({k: Array(v.numpy()) for k, v in trainable_state(trainer.classifier.model).items()})
+    trained = {k: v.numpy() for k, v in trainable_state(trainer.classifier.model).items()}
+    received = {k: np.asarray(v.numpy()) for k, v in msg.content["arrays"].items()}
+    sent = upload(trained, received, context, job.compression)
+    arrays = ArrayRecord({k: Array(v) for k, v in sent.items()})
     metrics = MetricRecord({
         "num-examples": len(data), "train-loss-first": result.loss_before,
         "train-loss-last": result.loss_after, "delta": result.delta,

@@ -28,6 +28,13 @@ class Method(str, Enum):
     joint = "joint"
 
 
+class Compression(str, Enum):
+    none = "none"
+    fp16 = "fp16"
+    int8 = "int8"
+    int4 = "int4"
+
+
 class Targets(str, Enum):
     attention = "attention"
     attention_mlp = "attention+mlp"
@@ -58,6 +65,8 @@ def simulate(
     lora_layers: int = typer.Option(1, min=0, help="Adapt only the top N decoder layers (0 = all)."),
     ffa: bool = typer.Option(False, "--ffa", help="FFA-LoRA: freeze A at a shared seed, train/send only B."),
     base_model: Path = typer.Option(None, help="Local checkpoint directory (DeepSeek-V2/V3, R1-Distill Qwen/Llama); default: embedded."),
+    compression: Compression = typer.Option(Compression.none, help="Upload adapter deltas as fp16, int8 or int4 (per-channel scales) instead of float32."),
+    topk: float = typer.Option(0.0, min=0.0, max=0.99, help="Upload only this fraction of each delta's largest entries (0 = all; error feedback keeps the rest)."),
     max_train_rows: int = typer.Option(0, min=0, help="Use at most this many training rows in total (0 = all)."),
     seed: int = typer.Option(0, help="Seed for partitioning, sampling and LoRA init."),
     out: Path = typer.Option(Path("runs/latest"), help="Output directory (report.json, adapter/)."),
@@ -87,6 +96,7 @@ def simulate(
     from fedseek.platform.simulation import quiet_environment
 
     quiet_environment()
+    from fedseek.aggregator.compression import CompressionSettings
     from fedseek.config import DataSettings, FederationSettings, JobConfig
     from fedseek.clients.dp_trainer import OptimSettings, PrivacySettings
     from fedseek.continual.ewc import EWCSettings
@@ -111,6 +121,7 @@ def simulate(
         optim=OptimSettings(local_steps=local_steps, batch_fraction=batch_fraction, learning_rate=learning_rate),
         federation=FederationSettings(institutions=institutions, rounds=rounds, seed=seed,
                                       base_model=_path(base_model), out=str(out)),
+        compression=CompressionSettings(codec=compression.value, topk=topk),
     )
     try:
         job.ewc = EWCSettings(method=cl.value, lam=ewc_lambda, gamma=ewc_gamma)
