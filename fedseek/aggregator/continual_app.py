@@ -66,7 +66,10 @@ class ContinualRunner:
         job.federation.study, job.federation.out = study, str(out)
         return job
 
-    def train_period(self, job: JobConfig, arrays: ArrayRecord, state: EWCState) -> dict:
+    def train_period(self, job: JobConfig, arrays: ArrayRecord, state: EWCState,
+                     matrix: list[list[float]] | None = None) -> dict:
+        """One period's federated job. With `matrix` (the rows so far), the adapter is scored on every
+        period and the row appended; the last period's report then carries the `cl` block."""
         started = time.time()
         data = job_data(job)
         config = {**job.to_flat(), "label-names": list(self.label_names)}
@@ -105,6 +108,11 @@ class ContinualRunner:
         report = build_report(job, data, self.classifier, initial, rows, strategy.round_log, started)
         report.update(period=job.data.period, data_scope=job.data.period_scope, fisher=fisher_log,
                       epsilon=epsilon if job.privacy.enabled else None)
+        if matrix is not None:
+            matrix.append([self.classifier.evaluate(self.tests[p])["accuracy"] for p in self.periods])
+            if len(matrix) == len(self.periods) or job.ewc.method == "joint":
+                report["cl"] = cl_summary(matrix, self.periods, job.ewc.method,
+                                          job.ewc.lam if job.ewc.uses_fisher else None)
         self.reporter.finish(report)
         return {"arrays": result.arrays, "state": state, "report": report,
                 "seconds": time.time() - started}
@@ -152,9 +160,8 @@ class ContinualRunner:
         for i, names in enumerate(sequence):
             job = self.period_job(method, names, lam, uses_fisher and i < len(sequence) - 1, study,
                                   out / f"period-{i + 1}")
-            done = self.train_period(job, arrays, state)
+            done = self.train_period(job, arrays, state, matrix)
             arrays, state = done["arrays"], done["state"]
-            matrix.append([self.classifier.evaluate(self.tests[p])["accuracy"] for p in self.periods])
             reports.append({"period": job.data.period, "seconds": round(done["seconds"], 1),
                             "epsilon": done["report"]["epsilon"], "accuracy_row": matrix[-1]})
         summary = cl_summary(matrix, self.periods, method, lam if uses_fisher else None)
