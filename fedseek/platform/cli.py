@@ -55,6 +55,8 @@ def simulate(
     seed: int = typer.Option(0, help="Seed for partitioning, sampling and LoRA init."),
     out: Path = typer.Option(Path("runs/latest"), help="Output directory (report.json, adapter/)."),
     verbose: bool = typer.Option(False, help="Show Flower/Ray logs."),
+    track: bool = typer.Option(True, "--track/--no-track", help="Record the job in the platform DB, "
+                               "privacy ledger (refusing over-budget jobs) and MLflow; see `fedseek privacy`."),
 ) -> None:
     """Run a federation of simulated institutions (Flower simulation engine, Ray backend)."""
     from fedseek.platform.simulation import quiet_environment
@@ -65,7 +67,8 @@ def simulate(
     from fedseek.data.loader import DataError
     from fedseek.models.lora import LoraSettings
     from fedseek.platform.console import RichReporter
-    from fedseek.platform.simulation import SimulationError, simulate as run
+    from fedseek.platform.jobs import run_job
+    from fedseek.platform.simulation import SimulationError
 
     job = JobConfig(
         data=DataSettings(task=task, data=_path(data), data_dir=_path(data_dir), test_data=_path(test_data),
@@ -82,7 +85,7 @@ def simulate(
     try:
         job = _preflight(job)
         out.mkdir(parents=True, exist_ok=True)
-        run(job, RichReporter(console), verbose=verbose)
+        run_job(job, RichReporter(console), verbose=verbose, track=track)
     except (DataError, ValueError, SimulationError) as err:
         err_console.print(f"[bold red]error:[/] {err}")
         raise typer.Exit(code=2)
@@ -116,6 +119,11 @@ def report(path: Path = typer.Argument(Path("runs/latest/report.json"), help="A 
         raise typer.Exit(code=2)
     json.dump(json.loads(path.read_text()), sys.stdout, indent=2)
     sys.stdout.write("\n")
+
+
+from fedseek.platform.admin_cli import register  # noqa: E402  platform admin commands
+
+register(app)
 
 
 def main() -> None:  # pragma: no cover - console-script shim

@@ -1,0 +1,24 @@
+"""Run a federated job with platform tracking: pre-flight budget check before Ray starts, then
+the simulation with a PlatformReporter around the caller's reporter."""
+from __future__ import annotations
+
+from fedseek.config import JobConfig, data_arguments
+
+
+def run_job(job: JobConfig, inner=None, verbose: bool = False, track: bool = True, settings=None) -> dict:
+    """Run `job`; with `track`, refuse it (ledger.BudgetExceeded) if any institution would exceed
+    its privacy budget, and record it in the platform DB and MLflow."""
+    from fedseek.platform.simulation import simulate
+
+    if not track:
+        return simulate(job, inner, verbose=verbose)
+    from fedseek.data.tasks import load_federated_data
+    from fedseek.platform.reporter import PlatformReporter
+
+    reporter = PlatformReporter(inner, settings)
+    reporter.preflight(job, load_federated_data(**data_arguments(job)))
+    try:
+        return simulate(job, reporter, verbose=verbose)
+    except BaseException as err:
+        reporter.fail(str(err) or type(err).__name__)
+        raise
