@@ -222,7 +222,7 @@ def dashboard(host: str = typer.Option("127.0.0.1", help="Interface to listen on
 def dashboard_command(settings, host: str, port: int) -> list[str]:
     settings.artifact_root.mkdir(parents=True, exist_ok=True)
     return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", settings.tracking_uri,
-            "--default-artifact-root", settings.artifact_root.resolve().as_uri(),
+            "--artifacts-destination", str(settings.artifact_root.resolve()),
             "--host", host, "--port", str(port), "--workers", "1"]
 
 

@@ -91,9 +91,12 @@ def promote(client, name: str, version: str, db_url: str, limits: dict | None = 
 
 def versions(client, name: str) -> list[dict]:
     """Every version of `name`, newest first, with aliases and the tags the gate reads."""
+    aliases: dict[str, list[str]] = {}
+    for alias, version in client.get_registered_model(name).aliases.items():
+        aliases.setdefault(str(version), []).append(alias)
     rows = []
     for v in sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: -int(v.version)):
-        rows.append({"version": v.version, "aliases": list(v.aliases or []), "run_id": v.run_id,
+        rows.append({"version": str(v.version), "aliases": sorted(aliases.get(str(v.version), [])), "run_id": v.run_id,
                      "accuracy": v.tags.get("accuracy"), "epsilon": v.tags.get("epsilon"),
                      "promotion": v.tags.get("promotion", "pending"),
                      "reason": v.tags.get("promotion_reason", ""), "source": v.source})

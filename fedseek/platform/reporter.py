@@ -139,6 +139,7 @@ class PlatformReporter:
                                        "min_bwt": self.settings.min_bwt})
         for key in [f"institution:{n}" for n in report["institutions"]] + ["job"]:
             self.outbox.append("end", key=key, status="FINISHED")
+        self.outbox.append("close")
         self._close("stopped" if stopped else "finished", stopped or "")
         self._flush()
         if self.inner:
@@ -216,7 +217,7 @@ class PlatformReporter:
 
     def _version_tags(self, report: dict) -> dict:
         tags = {"accuracy": report["final_accuracy"], "job_id": self.job_id,
-                "epsilon": json.dumps(report.get("epsilon") or {}), "delta": report.get("delta"),
+                "epsilon": json.dumps({k: round(v, 4) for k, v in (report.get("epsilon") or {}).items()}), "delta": report.get("delta"),
                 "sigma": report.get("noise_multiplier"), "q": report.get("sampling_rate"),
                 "steps": report.get("steps"), "clip": report.get("clip_norm"),
                 "lora_rank": report.get("lora_rank"), "base_model_sha256": report.get("base_model_sha256"),
@@ -233,6 +234,11 @@ class PlatformReporter:
         """Mark the job failed (the federation raised); its committed rounds stay in the ledger."""
         if self.job_id is not None:
             self._close("failed", message)
+        if self.outbox is not None:
+            self.outbox.append("tags", key="job", tags={"fedseek.error": message[:500]})
+            self.outbox.append("end", key="job", status="FAILED")
+            self.outbox.append("close")
+            self._flush()
 
     def _close(self, status: str, message: str) -> None:
         with session_scope(self.db) as session:

@@ -19,6 +19,8 @@ logger = logging.getLogger("fedseek.tracking")
 # fail fast when the server is down: the outbox, not HTTP retries, makes tracking reliable
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+logging.getLogger("mlflow").setLevel(logging.WARNING)
+logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 class Outbox:
@@ -65,9 +67,11 @@ class Outbox:
         return len(self.ops()) - self.state()["done"]
 
     def flush(self, tracking_uri: str, artifact_root: Path | None) -> bool:
-        """Replay pending operations; True when the journal is fully sent (then it is removed)."""
+        """Replay pending operations; True when all are sent. A journal whose job has ended (last
+        operation `close`) is removed once sent."""
         from mlflow.tracking import MlflowClient
 
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # mlflow resets it on import
         client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         state, ops = self.state(), self.ops()
         while state["done"] < len(ops):
@@ -80,6 +84,8 @@ class Outbox:
                 return False
             state["done"] += 1
             self.save_state(state)
+        if not ops or ops[-1]["op"] != "close":
+            return True
         shutil.rmtree(self.files, ignore_errors=True)
         for path in (self.journal, self.state_path):
             path.unlink(missing_ok=True)
@@ -121,6 +127,8 @@ def _apply(client, op: dict, state: dict, artifact_root: Path | None, tracking_u
             client.log_artifacts(runs[op["key"]], str(path), op.get("artifact_path"))
         else:
             client.log_artifact(runs[op["key"]], str(path), op.get("artifact_path"))
+    elif kind == "close":
+        pass  # the job has ended: nothing more will be appended
     elif kind == "end":
         client.set_terminated(runs[op["key"]], op.get("status", "FINISHED"))
     elif kind == "register":
@@ -142,6 +150,9 @@ def _apply(client, op: dict, state: dict, artifact_root: Path | None, tracking_u
 
 def flush_all(outbox_dir: Path, tracking_uri: str, artifact_root: Path | None) -> tuple[int, int]:
     """Replay every journal in `outbox_dir` (oldest first): (sent, still pending) journals."""
+    import warnings
+
+    warnings.filterwarnings("ignore", module="mlflow")
     sent = pending = 0
     for journal in sorted(Path(outbox_dir).glob("*.jsonl"), key=lambda p: p.stat().st_mtime):
         if Outbox(journal.parent, journal.stem).flush(tracking_uri, artifact_root):
