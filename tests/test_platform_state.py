@@ -12,7 +12,7 @@ from sqlalchemy import func, inspect, select
 from fedseek.config import JobConfig
 from fedseek.data.tasks import load_federated_data
 from fedseek.platform import ledger
-from fedseek.platform.db import Institution, Job, LedgerEntry, Round, engine_for, session_scope, upgrade
+from fedseek.platform.db import Institution, Job, LedgerEntry, Period, Round, engine_for, session_scope, upgrade
 from fedseek.platform.reporter import PlatformReporter, StopJob
 from fedseek.platform.settings import PlatformSettings
 from fedseek.privacy.accountant import epsilon
@@ -149,3 +149,4 @@ def test_fisher_passes_are_charged_and_scopes_compose_in_parallel(db_url, tmp_pa
         assert [(e.kind, e.data_scope, e.steps) for e in entries] == [("train", "2005-2009", 2),
                                                                       ("fisher", "2005-2009", 3)]
         assert entries[-1].epsilon_after == pytest.approx(epsilon([(1.0, 0.125, 2), (2.0, 0.1, 3)], 1e-5))
+        assert [p.name for p in session.scalars(select(Period))] == ["2005-2009"]

@@ -2,7 +2,7 @@
 dashboard, schedule, scheduler. Settings come from FEDSEEK_* (fedseek/platform/settings.py)."""
 from __future__ import annotations
 
-import json
+import os
 import subprocess
 import sys
 from enum import Enum
@@ -185,7 +185,8 @@ def versions(task: str = typer.Option(..., help="Task whose registered adapter v
         fail(f"no registered versions of task {task!r} (model {model_name(task)})", 1)
     table = Table("version", "aliases", "accuracy", "epsilon", "promotion", "reason", title=model_name(task))
     for r in rows:
-        table.add_row(r["version"], ",".join(r["aliases"]), r["accuracy"] or "-", r["epsilon"] or "-",
+        accuracy = "-" if r["accuracy"] is None else f"{float(r['accuracy']):.2%}"
+        table.add_row(r["version"], ",".join(r["aliases"]), accuracy, r["epsilon"] or "-",
                       r["promotion"], r["reason"])
     console.print(table)
 
@@ -216,7 +217,9 @@ def dashboard(host: str = typer.Option("127.0.0.1", help="Interface to listen on
     """Start the admin dashboard: the MLflow UI/server on the configured store."""
     command = dashboard_command(_settings(), host, port)
     console.print(f"MLflow UI on http://{host}:{port} (Ctrl-C stops it)")
-    raise typer.Exit(code=subprocess.call(command))
+    # the server's background job runner (GenAI evaluation jobs) is not needed for the dashboard
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    raise typer.Exit(code=subprocess.call(command, env=env))
 
 
 def dashboard_command(settings, host: str, port: int) -> list[str]:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from fedseek.aggregator.server_app import StopFederation
 from fedseek.platform import ledger, plots
-from fedseek.platform.db import AdapterVersion, Job, LedgerEntry, get_or_create_task, session_scope, utcnow
+from fedseek.platform.db import (AdapterVersion, Job, LedgerEntry, Period, get_or_create_task, session_scope,
+                                 utcnow)
 from fedseek.platform.registry import model_name
 from fedseek.platform.settings import PlatformSettings, load_settings
 from fedseek.platform.tracking import Outbox, flush_all
@@ -62,6 +63,8 @@ class PlatformReporter:
         with session_scope(self.db) as session:
             projections = ledger.project(session, plans, self.settings.default_epsilon_max)
             task = get_or_create_task(session, data.task)
+            if scope != "all" and not any(p.name == scope for p in task.periods):
+                session.add(Period(task_id=task.id, name=scope, position=len(task.periods)))
             row = Job(task_id=task.id, data_scope=scope, status="running", config_json=json.dumps(job.to_flat()),
                       planned_rounds=job.federation.rounds)
             session.add(row)
@@ -87,6 +90,7 @@ class PlatformReporter:
                   "local_steps": job.optim.local_steps, "lora_rank": job.lora.rank, "ffa": job.lora.ffa,
                   "institutions": ",".join(data.institutions), "data_scope": data_scope(job)}
         self.outbox.append("run", key="job", experiment=data.task, name=f"job-{self.job_id}",
+                           db_url=self.db, job_id=self.job_id,
                            tags={"fedseek.job_id": self.job_id, "fedseek.data_scope": data_scope(job)})
         self.outbox.append("params", key="job", params={k: str(v) for k, v in params.items() if v is not None})
         for name, records in zip(data.institutions, data.train):

@@ -31,6 +31,7 @@ class Outbox:
         self.files = self.directory / name
         self.journal = self.directory / f"{name}.jsonl"
         self.state_path = self.directory / f"{name}.state.json"
+        self.rejected = self.directory / f"{name}.rejected.json"
         self.files.mkdir(parents=True, exist_ok=True)
 
     def append(self, op: str, **fields) -> None:
@@ -77,11 +78,16 @@ class Outbox:
         while state["done"] < len(ops):
             try:
                 _apply(client, ops[state["done"]], state, artifact_root, tracking_uri)
-            except Exception as err:  # unreachable server (or a store error): keep it for later
-                logger.warning("MLflow not reachable (%s); %d operation(s) kept in %s",
-                               str(err).splitlines()[0][:200], len(ops) - state["done"], self.journal)
-                self.save_state(state)
-                return False
+            except Exception as err:
+                if not reachable(tracking_uri):  # keep it and everything after it for later
+                    logger.warning("MLflow not reachable (%s); %d operation(s) kept in %s",
+                                   str(err).splitlines()[0][:200], len(ops) - state["done"], self.journal)
+                    self.save_state(state)
+                    return False
+                # the server answered but refused this operation: set it aside, do not block the rest
+                logger.error("MLflow refused %s: %s (kept in %s)", ops[state["done"]]["op"], err, self.rejected)
+                with self.rejected.open("a", encoding="utf-8") as handle:
+                    handle.write(json.dumps({"op": ops[state["done"]], "error": str(err)[:2000]}) + "\n")
             state["done"] += 1
             self.save_state(state)
         if not ops or ops[-1]["op"] != "close":
@@ -90,6 +96,19 @@ class Outbox:
         for path in (self.journal, self.state_path):
             path.unlink(missing_ok=True)
         return True
+
+
+def reachable(tracking_uri: str) -> bool:
+    """Whether a tracking server answers (a local store always does)."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return True
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=5)
+        return True
+    except OSError:
+        return False
 
 
 def _experiment_id(client, name: str, artifact_root: Path | None, tracking_uri: str) -> str:
@@ -104,17 +123,22 @@ def _experiment_id(client, name: str, artifact_root: Path | None, tracking_uri: 
 def _apply(client, op: dict, state: dict, artifact_root: Path | None, tracking_uri: str) -> None:
     kind, runs = op["op"], state["runs"]
     if kind == "run":
-        tags = dict(op.get("tags", {}))
+        tags = {k: str(v) for k, v in op.get("tags", {}).items()}
         if op.get("parent"):
             tags["mlflow.parentRunId"] = runs[op["parent"]]
         experiment = _experiment_id(client, op["experiment"], artifact_root, tracking_uri)
         runs[op["key"]] = client.create_run(experiment, run_name=op["name"], tags=tags).info.run_id
+        if op.get("db_url") and op.get("job_id"):  # link the platform job to its MLflow run
+            from fedseek.platform.db import Job, session_scope
+
+            with session_scope(op["db_url"]) as session:
+                session.get(Job, op["job_id"]).mlflow_run_id = runs[op["key"]]
     elif kind == "params":
         for key, value in op["params"].items():
             client.log_param(runs[op["key"]], key, value)
     elif kind == "tags":
         for key, value in op["tags"].items():
-            client.set_tag(runs[op["key"]], key, value)
+            client.set_tag(runs[op["key"]], key, str(value))
     elif kind == "metrics":
         from mlflow.entities import Metric
 
