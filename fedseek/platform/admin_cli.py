@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-console = Console(soft_wrap=True)
+console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)  # no truncated names in logs
 err_console = Console(stderr=True, soft_wrap=True, highlight=False)
 db_app = typer.Typer(help="Platform database: migrations and the MLflow outbox.", no_args_is_help=True)
 institutions_app = typer.Typer(help="Institutions and their lifetime privacy budgets.", no_args_is_help=True)
