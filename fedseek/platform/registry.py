@@ -58,11 +58,14 @@ def gate(candidate: dict, champion: dict | None, over_budget: list[str], limits:
     return True, f"accuracy {accuracy:.4f} >= champion's {best:.4f}"
 
 
-def _over_budget(db_url: str, epsilons: dict) -> list[str]:
+def _over_budget(db_url: str, institutions) -> list[str]:
+    """Institutions whose lifetime epsilon in the ledger exceeds their budget."""
+    from fedseek.platform.ledger import spent
+
     with session_scope(db_url) as session:
-        budgets = {i.name: i.epsilon_max for i in session.scalars(select(Institution))}
-    return [f"{n} (epsilon {e:.3f} > {budgets[n]:g})" for n, e in epsilons.items()
-            if n in budgets and e > budgets[n] + 1e-9]
+        rows = session.scalars(select(Institution).where(Institution.name.in_(list(institutions)))).all()
+        return [f"{i.name} (epsilon {spent(session, i):.3f} > {i.epsilon_max:g})" for i in rows
+                if spent(session, i) > i.epsilon_max + 1e-9]
 
 
 def promote(client, name: str, version: str, db_url: str, limits: dict | None = None) -> tuple[bool, str]:
