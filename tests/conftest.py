@@ -8,6 +8,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# platform state of every job the tests run (and of their subprocesses) goes to a throw-away home,
+# never ~/.fedseek; tests that check budgets set their own
+os.environ.setdefault("FEDSEEK_HOME", __import__("tempfile").mkdtemp(prefix="fedseek-test-home-"))
+os.environ.setdefault("FEDSEEK_DEFAULT_EPSILON_MAX", "1000000")
 
 ARCHITECTURES = ("deepseek_v2", "deepseek_v3", "qwen2", "llama")
 
