@@ -1,7 +1,15 @@
 """Shared fixtures: tiny random checkpoints of every supported architecture, saved to disk."""
 from __future__ import annotations
 
+import glob
 import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
 
 import pytest
 
@@ -10,7 +18,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # platform state of every job the tests run (and of their subprocesses) goes to a throw-away home,
 # never ~/.fedseek; tests that check budgets set their own
-os.environ.setdefault("FEDSEEK_HOME", __import__("tempfile").mkdtemp(prefix="fedseek-test-home-"))
+os.environ.setdefault("FEDSEEK_HOME", tempfile.mkdtemp(prefix="fedseek-test-home-"))
 os.environ.setdefault("FEDSEEK_DEFAULT_EPSILON_MAX", "1000000")
 
 ARCHITECTURES = ("deepseek_v2", "deepseek_v3", "qwen2", "llama")
@@ -32,14 +40,6 @@ def banking():
 
 
 # --- real servers for the platform tests (MLflow, PostgreSQL), started on free loopback ports ---
-import glob  # noqa: E402
-import shutil  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import urllib.request  # noqa: E402
 
 
 def free_port() -> int:
@@ -67,13 +67,12 @@ def start_mlflow_server(backend: str, artifacts: str, port: int) -> subprocess.P
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend, "--artifacts-destination",
          artifacts, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        env={**__import__("os").environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     wait_for_http(f"http://127.0.0.1:{port}/health", process)
     return process
 
 
 def stop(process: subprocess.Popen) -> None:
-    import os
     import signal
 
     if process.poll() is None:
@@ -89,7 +88,6 @@ def stop(process: subprocess.Popen) -> None:
 def postgres_url():
     """A throw-away PostgreSQL cluster (Debian `postgresql` package) on a free loopback port.
     It refuses to run as root, so as root it runs as the `postgres` user."""
-    import os
     import pwd
 
     bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
