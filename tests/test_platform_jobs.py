@@ -32,10 +32,10 @@ def platform(tmp_path_factory):
     root = tmp_path_factory.mktemp("platform")
     port = free_port()
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "FEDSEEK_HOME": str(root / "home"),
-           "FEDSEEK_DB_URL": f"sqlite:///{root / 'platform.db'}", "FEDSEEK_DEFAULT_EPSILON_MAX": "9",
+           "FEDSEEK_DB_URL": f"sqlite:///{root / 'platform.db'}", "FEDSEEK_DEFAULT_EPSILON_MAX": "8",
            "FEDSEEK_MLFLOW_URI": f"http://127.0.0.1:{port}"}
     state = {"root": root, "env": env, "port": port, "reports": [], "outputs": []}
-    added = fedseek(env, "institutions", "add", "bank_a", "--kind", "bank", "--epsilon-max", "9")
+    added = fedseek(env, "institutions", "add", "bank_a", "--kind", "bank", "--epsilon-max", "8")
     assert added.returncode == 0, added.stderr
     # job 1 while the tracking server is down: training goes on, MLflow records wait in the outbox
     first = fedseek(env, "simulate", *TINY, "--out", str(root / "job1"))
@@ -105,7 +105,7 @@ def test_ledger_after_two_jobs_equals_the_composed_history_and_third_job_is_refu
     third = platform["third"]
     message = " ".join(third.stderr.split())
     assert third.returncode == 2, third.stderr
-    assert "institution 'bank_a' would exceed its privacy budget: epsilon_max 9" in message
+    assert "institution 'bank_a' would exceed its privacy budget: epsilon_max 8" in message
     assert f"already spent {last['bank_a']:.3f}" in message and "Nothing was trained" in message
     assert "Traceback" not in third.stderr and not (platform["root"] / "job3" / "report.json").exists()
     table = fedseek(platform["env"], "privacy", "--plot", str(platform["root"] / "eps.png"))
@@ -171,7 +171,7 @@ def test_dashboard_shows_experiment_runs_and_registered_model(platform, tmp_path
     server = subprocess.Popen([sys.executable, "-m", "fedseek", "dashboard", "--port", str(port)], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     options = webdriver.ChromeOptions()
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,900"):
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1600,1000"):
         options.add_argument(flag)
     driver = None
     try:

@@ -218,8 +218,17 @@ def dashboard(host: str = typer.Option("127.0.0.1", help="Interface to listen on
     command = dashboard_command(_settings(), host, port)
     console.print(f"MLflow UI on http://{host}:{port} (Ctrl-C stops it)")
     # the server's background job runner (GenAI evaluation jobs) is not needed for the dashboard
+    import signal
+
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    raise typer.Exit(code=subprocess.call(command, env=env))
+    server = subprocess.Popen(command, env=env)
+    signal.signal(signal.SIGTERM, lambda *_: server.terminate())  # stop the server with us
+    try:
+        code = server.wait()
+    except KeyboardInterrupt:
+        server.terminate()
+        code = server.wait()
+    raise typer.Exit(code=code)
 
 
 def dashboard_command(settings, host: str, port: int) -> list[str]:

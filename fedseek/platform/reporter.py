@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import time
 from pathlib import Path
 
 from fedseek.aggregator.server_app import StopFederation
@@ -186,7 +185,7 @@ class PlatformReporter:
                                   f"{inst.name!r} would reach epsilon {nxt:.3f} > budget {inst.epsilon_max:g}")
 
     def _metrics(self, key: str, step: int, values: dict) -> None:
-        self.outbox.append("metrics", key=key, step=step, metrics=values, timestamp_ms=int(time.time() * 1000))
+        self.outbox.append("metrics", key=key, step=step, metrics=values)
 
     def _log_artifacts(self, report: dict, out: Path) -> None:
         keep = self.outbox.keep

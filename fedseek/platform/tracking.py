@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 logger = logging.getLogger("fedseek.tracking")
@@ -35,6 +36,7 @@ class Outbox:
         self.files.mkdir(parents=True, exist_ok=True)
 
     def append(self, op: str, **fields) -> None:
+        fields.setdefault("timestamp_ms", int(time.time() * 1000))  # replayed runs keep real times
         with self.journal.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps({"op": op, **fields}) + "\n")
             handle.flush()
@@ -127,7 +129,8 @@ def _apply(client, op: dict, state: dict, artifact_root: Path | None, tracking_u
         if op.get("parent"):
             tags["mlflow.parentRunId"] = runs[op["parent"]]
         experiment = _experiment_id(client, op["experiment"], artifact_root, tracking_uri)
-        runs[op["key"]] = client.create_run(experiment, run_name=op["name"], tags=tags).info.run_id
+        runs[op["key"]] = client.create_run(experiment, start_time=op.get("timestamp_ms"), run_name=op["name"],
+                                            tags=tags).info.run_id
         if op.get("db_url") and op.get("job_id"):  # link the platform job to its MLflow run
             from fedseek.platform.db import Job, session_scope
 
@@ -154,7 +157,7 @@ def _apply(client, op: dict, state: dict, artifact_root: Path | None, tracking_u
     elif kind == "close":
         pass  # the job has ended: nothing more will be appended
     elif kind == "end":
-        client.set_terminated(runs[op["key"]], op.get("status", "FINISHED"))
+        client.set_terminated(runs[op["key"]], op.get("status", "FINISHED"), end_time=op.get("timestamp_ms"))
     elif kind == "register":
         from fedseek.platform import registry
 
