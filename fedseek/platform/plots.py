@@ -28,10 +28,12 @@ def epsilon_over_time(series: dict[str, list[tuple[object, float]]], budgets: di
     """One line per institution: cumulative epsilon after each ledger entry, with its budget."""
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, points in sorted(series.items()):
-        line, = ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=name)
+        line, = ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=name,
+                        drawstyle="steps-post")
         if name in budgets:
             ax.axhline(budgets[name], color=line.get_color(), linestyle="--", linewidth=0.8)
     ax.set(title="privacy spent per institution (PRV; dashed: budget)", xlabel=xlabel, ylabel="epsilon")
+    ax.set_ylim(bottom=0)
     ax.legend()
     fig.autofmt_xdate()
     return _save(fig, path)
