@@ -44,3 +44,10 @@ def test_registry_commands_fail_clearly_without_versions(env):
     assert promote.returncode == 2 and "fedseek-nope" in promote.stderr and "Traceback" not in promote.stderr
     schedule = fedseek(env, "schedule", "add", "--task", "banking77", "--cron", "every monday")
     assert schedule.returncode == 2 and "--cron 'every monday'" in " ".join(schedule.stderr.split())
+
+
+def test_simulate_refuses_clearly_when_the_platform_db_is_unreachable(env, tmp_path):
+    env = {**env, "FEDSEEK_DB_URL": "postgresql+psycopg://fedseek@127.0.0.1:9/none"}
+    proc = fedseek(env, "simulate", "--max-train-rows", "120", "--rounds", "1", "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2 and "platform DB unreachable" in proc.stderr and "--no-track" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out" / "report.json").exists()

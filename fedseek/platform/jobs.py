@@ -5,6 +5,10 @@ from __future__ import annotations
 from fedseek.config import JobConfig, data_arguments
 
 
+class PlatformUnavailable(ValueError):
+    """The platform DB cannot be reached: nothing was trained."""
+
+
 def run_job(job: JobConfig, inner=None, verbose: bool = False, track: bool = True, settings=None) -> dict:
     """Run `job`; with `track`, refuse it (ledger.BudgetExceeded) if any institution would exceed
     its privacy budget, and record it in the platform DB and MLflow."""
@@ -15,8 +19,14 @@ def run_job(job: JobConfig, inner=None, verbose: bool = False, track: bool = Tru
     from fedseek.data.tasks import load_federated_data
     from fedseek.platform.reporter import PlatformReporter
 
+    from sqlalchemy.exc import OperationalError
+
     reporter = PlatformReporter(inner, settings)
-    reporter.preflight(job, load_federated_data(**data_arguments(job)))
+    try:
+        reporter.preflight(job, load_federated_data(**data_arguments(job)))
+    except OperationalError as err:
+        raise PlatformUnavailable(f"platform DB unreachable ({str(err.orig).splitlines()[0][:300]}); fix "
+                                  "FEDSEEK_DB_URL or run with --no-track") from None
     try:
         return simulate(job, reporter, verbose=verbose)
     except BaseException as err:
