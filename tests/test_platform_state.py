@@ -150,3 +150,39 @@ def test_fisher_passes_are_charged_and_scopes_compose_in_parallel(db_url, tmp_pa
                                                                       ("fisher", "2005-2009", 3)]
         assert entries[-1].epsilon_after == pytest.approx(epsilon([(1.0, 0.125, 2), (2.0, 0.1, 3)], 1e-5))
         assert [p.name for p in session.scalars(select(Period))] == ["2005-2009"]
+
+
+def finished_report(tmp_path, name, sites, rows, fisher=()):
+    out = tmp_path / name
+    (out / "adapter").mkdir(parents=True)
+    (out / "adapter" / "adapter_model.safetensors").write_bytes(name.encode())
+    report = {"task": "banking77", "institutions": list(sites), "final_accuracy": 0.2, "rounds": rows,
+              "adapter_dir": str(out / "adapter"), "epsilon": {}, "fisher": list(fisher)}
+    (out / "report.json").write_text("{}")
+    return report
+
+
+def test_continual_periods_are_one_job_each_with_fisher_charged_at_finish(db_url, tmp_path, small_data):
+    """A continual run calls start..finish once per period; Fisher passes arrive in report["fisher"]."""
+    reporter = PlatformReporter(settings=settings_for(db_url, tmp_path, budget=50.0))
+    sites = small_data.institutions
+    for period, fisher in (("2005-2009", True), ("2010-2014", False)):
+        job = small_job(rounds=1)
+        job.data.period_scope = period
+        reporter.start(job, small_data, {"accuracy": float("nan"), "loss": float("nan")})
+        row = round_row(1, sites, 1.0)  # cumulative steps restart with every period
+        reporter.round(row)
+        log = [{"institution": s, "kind": "fisher", "fisher_noise_multiplier": 10.0, "fisher_sample_rate": 0.5,
+                "fisher_steps": 1, "delta": 1e-5} for s in sites] if fisher else []
+        reporter.finish(finished_report(tmp_path, period, sites, [row], log))
+    with session_scope(db_url) as session:
+        jobs = session.scalars(select(Job).order_by(Job.id)).all()
+        assert [(j.data_scope, j.status) for j in jobs] == [("2005-2009", "finished"), ("2010-2014", "finished")]
+        entries = session.scalars(select(LedgerEntry).where(LedgerEntry.institution.has(name="bank_b"))
+                                  .order_by(LedgerEntry.id)).all()
+    assert [(e.job_id, e.kind, e.data_scope, e.steps) for e in entries] == [
+        (jobs[0].id, "train", "2005-2009", 2), (jobs[0].id, "fisher", "2005-2009", 1),
+        (jobs[1].id, "train", "2010-2014", 2)]
+    first_period = epsilon([(1.0, 0.125, 2), (10.0, 0.5, 1)], 1e-5)
+    assert entries[-1].epsilon_after == pytest.approx(max(first_period, epsilon([(1.0, 0.125, 2)], 1e-5)))
+    assert entries[-1].epsilon_after == pytest.approx(first_period)  # parallel, not sequential

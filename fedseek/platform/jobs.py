@@ -9,13 +9,15 @@ class PlatformUnavailable(ValueError):
     """The platform DB cannot be reached: nothing was trained."""
 
 
-def run_job(job: JobConfig, inner=None, verbose: bool = False, track: bool = True, settings=None) -> dict:
+def run_job(job: JobConfig, inner=None, verbose: bool = False, track: bool = True, settings=None,
+            **simulate_options):
     """Run `job`; with `track`, refuse it (ledger.BudgetExceeded) if any institution would exceed
-    its privacy budget, and record it in the platform DB and MLflow."""
+    its privacy budget, and record it in the platform DB and MLflow. `simulate_options` go to
+    `fedseek.platform.simulation.simulate`."""
     from fedseek.platform.simulation import simulate
 
     if not track:
-        return simulate(job, inner, verbose=verbose)
+        return simulate(job, inner, verbose=verbose, **simulate_options)
     from fedseek.data.tasks import load_federated_data
     from fedseek.platform.reporter import PlatformReporter
 
@@ -28,7 +30,7 @@ def run_job(job: JobConfig, inner=None, verbose: bool = False, track: bool = Tru
         raise PlatformUnavailable(f"platform DB unreachable ({str(err.orig).splitlines()[0][:300]}); fix "
                                   "FEDSEEK_DB_URL or run with --no-track") from None
     try:
-        return simulate(job, reporter, verbose=verbose)
+        return simulate(job, reporter, verbose=verbose, **simulate_options)
     except BaseException as err:
         reporter.fail(str(err) or type(err).__name__)
         raise

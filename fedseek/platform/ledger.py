@@ -109,12 +109,18 @@ def commit_round(session: Session, job_id: int, row: dict, entries: list[dict], 
     session.add(Round(job_id=job_id, number=int(row["round"]), accuracy=float(row["accuracy"]),
                       loss=float(row["loss"]), train_loss=_finite(row.get("train_loss")),
                       bytes_up=int(row.get("bytes_up", 0))))
+    add_entries(session, job_id, int(row["round"]), entries, scope, clip, default_budget)
+
+
+def add_entries(session: Session, job_id: int, round_number: int, entries: list[dict], scope: str,
+                clip: float, default_budget: float) -> None:
+    """Charge `entries` (a round's, or a Fisher pass's) to their institutions, in `session`."""
     for entry in entries:
         inst = institution(session, entry["institution"], entry["delta"], default_budget)
         history = releases(session, inst.id) + [Release(scope, entry["sigma"], entry["q"], entry["steps"])]
         at = inst.delta or entry["delta"]
         session.add(LedgerEntry(
-            institution_id=inst.id, job_id=job_id, round_number=int(row["round"]), kind=entry["kind"],
+            institution_id=inst.id, job_id=job_id, round_number=round_number, kind=entry["kind"],
             data_scope=scope, sigma=entry["sigma"], q=entry["q"], steps=int(entry["steps"]), clip=clip,
             delta=entry["delta"], epsilon_after=institution_epsilon(history, at),
             epsilon_rdp_after=institution_epsilon(history, at, "rdp")))

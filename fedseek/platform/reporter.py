@@ -23,7 +23,10 @@ class StopJob(StopFederation):
 
 
 def data_scope(job) -> str:
-    return getattr(job.data, "period_scope", None) or "all"
+    """The disjoint record slice the job trains on (continual-learning period), else "all"."""
+    scope = getattr(job.data, "period_scope", None)
+    scope = scope() if callable(scope) else scope
+    return scope or "all"
 
 
 def adapter_sha256(directory: Path) -> str:
@@ -44,10 +47,14 @@ def task_name(job, data_task: str | None = None) -> str:
 
 
 class PlatformReporter:
+    """Each start..finish cycle is one platform job (a continual-learning run calls it once per
+    period): its own DB row, pre-flight check, MLflow parent run and registered version."""
+
     def __init__(self, inner=None, settings: PlatformSettings | None = None):
         self.inner, self.settings = inner, settings or load_settings()
         self.db = self.settings.database_url
         self.job_id: int | None = None
+        self.finished = False
         self.outbox: Outbox | None = None
         self.steps_seen: dict[tuple[str, str], int] = {}
         self.rows: list[dict] = []
@@ -68,7 +75,7 @@ class PlatformReporter:
                       planned_rounds=job.federation.rounds)
             session.add(row)
             session.flush()
-            self.job_id = row.id
+            self.job_id, self.finished = row.id, False
         try:
             ledger.check_budget(projections)
         except ledger.BudgetExceeded as refusal:
@@ -78,9 +85,10 @@ class PlatformReporter:
 
     # -- Reporter protocol ----------------------------------------------------------------------
     def start(self, job, data, initial) -> None:
-        if self.job_id is None:
+        if self.job_id is None or self.finished:  # not pre-flighted yet, or the next period's job
             self.preflight(job, data)
         self.job, self.task = job, data.task
+        self.steps_seen, self.rows = {}, []
         self.outbox = Outbox(self.settings.outbox_dir, f"job-{self.job_id:06d}")
         self._flush()  # older journals first, so versions keep their order
         params = {"sigma": job.privacy.noise_multiplier, "q": job.optim.batch_fraction,
@@ -96,7 +104,7 @@ class PlatformReporter:
             self.outbox.append("run", key=f"institution:{name}", parent="job", experiment=data.task,
                                name=name, tags={"fedseek.institution": name})
             self.outbox.append("params", key=f"institution:{name}", params={"records": len(records)})
-        self._metrics("job", 0, {"accuracy": initial["accuracy"], "loss": initial["loss"]})
+        self._metrics("job", 0, _finite({"accuracy": initial["accuracy"], "loss": initial["loss"]}))
         self._flush()
         if self.inner:
             self.inner.start(job, data, initial)
@@ -108,13 +116,11 @@ class PlatformReporter:
                                 self.job.privacy.clip_norm, self.settings.default_epsilon_max)
         self.rows.append(row)
         step = int(row["round"])
-        self._metrics("job", step, {k: row[k] for k in ("accuracy", "loss", "train_loss", "bytes_up")
-                                    if isinstance(row.get(k), (int, float)) and math.isfinite(row[k])})
+        self._metrics("job", step, _finite({k: row.get(k) for k in ("accuracy", "loss", "train_loss", "bytes_up")}))
         for client in row.get("clients", []):
-            self._metrics(f"institution:{client['institution']}", step, {
-                k: client[k] for k in ("epsilon", "epsilon_rdp", "train_loss_last", "noise_multiplier",
-                                       "sample_rate", "steps", "num_examples")
-                if isinstance(client.get(k), (int, float)) and math.isfinite(client[k])})
+            self._metrics(f"institution:{client['institution']}", step, _finite({
+                k: client.get(k) for k in ("epsilon", "epsilon_rdp", "train_loss_last", "noise_multiplier",
+                                           "sample_rate", "steps", "num_examples")}))
         self._flush()
         if self.inner:
             self.inner.round(row)
@@ -132,6 +138,10 @@ class PlatformReporter:
             session.add(version)
             session.flush()
             version_id = version.id
+            if self.job.privacy.enabled:  # the DP Fisher passes that followed the rounds
+                fisher = [_fisher_entry(e) for e in report.get("fisher") or [] if "fisher_steps" in e]
+                ledger.add_entries(session, self.job_id, len(self.rows), fisher, data_scope(self.job),
+                                   self.job.privacy.clip_norm, self.settings.default_epsilon_max)
         self._log_artifacts(report, out)
         tags = self._version_tags(report)
         self.outbox.append("register", key="job", model=model_name(self.task), artifact_path="adapter",
@@ -144,6 +154,7 @@ class PlatformReporter:
             self.outbox.append("end", key=key, status="FINISHED")
         self.outbox.append("close")
         self._close("stopped" if stopped else "finished", stopped or "")
+        self.finished = True
         self._flush()
         if self.inner:
             self.inner.finish(report)
@@ -250,3 +261,14 @@ class PlatformReporter:
 
     def _flush(self) -> None:
         flush_all(self.settings.outbox_dir, self.settings.tracking_uri, self.settings.artifact_root)
+
+
+def _finite(values: dict) -> dict:
+    return {k: v for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+
+
+def _fisher_entry(entry: dict) -> dict:
+    """A ledger entry from one institution's Fisher-pass log (`report["fisher"]`)."""
+    return {"institution": entry["institution"], "kind": "fisher", "sigma": float(entry["fisher_noise_multiplier"]),
+            "q": float(entry["fisher_sample_rate"]), "steps": int(entry["fisher_steps"]),
+            "delta": float(entry["delta"])}
