@@ -33,6 +33,8 @@ def test_institutions_budgets_and_errors(env):
     assert listing.returncode == 0 and "hospital_a" in listing.stdout and "6" in listing.stdout
     bad = fedseek(env, "institutions", "add", "hospital_b", "--kind", "school", "--epsilon-max", "6")
     assert bad.returncode == 2 and "school" in bad.stderr
+    tasks = fedseek(env, "tasks", "--add", "discharge_notes", "--description", "ICD chapters")
+    assert tasks.returncode == 0 and "discharge_notes" in tasks.stdout and "fedseek-discharge_notes" in tasks.stdout
     negative = fedseek(env, "institutions", "add", "hospital_b", "--epsilon-max", "-1")
     assert negative.returncode == 2 and "--epsilon-max" in negative.stderr
 

@@ -139,13 +139,17 @@ def privacy(plot: Path = typer.Option(None, help="Also write epsilon over time p
         console.print(f"plot: {epsilon_over_time(series, budgets, plot, xlabel='time (UTC)')}")
 
 
-def tasks() -> None:
-    """List tasks with their jobs and registered model."""
+def tasks(add: str = typer.Option(None, "--add", help="Register a task with this name first."),
+          description: str = typer.Option("", help="Description of the task given with --add.")) -> None:
+    """List tasks with their jobs and registered model (jobs register their task themselves)."""
     from sqlalchemy import func, select
 
-    from fedseek.platform.db import Job, Task
+    from fedseek.platform.db import Job, Task, get_or_create_task
     from fedseek.platform.registry import model_name
 
+    if add:
+        with _session() as session:
+            get_or_create_task(session, add).description = description
     table = Table("task", "jobs", "last job", "registered model", title="tasks")
     with _session() as session:
         for task in session.scalars(select(Task).order_by(Task.name)):
