@@ -1,13 +1,25 @@
 """Shared fixtures: tiny random checkpoints of every supported architecture, saved to disk."""
 from __future__ import annotations
 
+import glob
 import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# platform state of every job the tests run (and of their subprocesses) goes to a throw-away home,
+# never ~/.fedseek; tests that check budgets set their own
+os.environ.setdefault("FEDSEEK_HOME", tempfile.mkdtemp(prefix="fedseek-test-home-"))
+os.environ.setdefault("FEDSEEK_DEFAULT_EPSILON_MAX", "1000000")
 
 ARCHITECTURES = ("deepseek_v2", "deepseek_v3", "qwen2", "llama")
 
@@ -25,3 +37,94 @@ def banking():
     from fedseek.data.tasks import load_federated_data
 
     return load_federated_data("banking77", institutions=3, seed=0)
+
+
+# --- real servers for the platform tests (MLflow, PostgreSQL), started on free loopback ports ---
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_http(url: str, process: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args[:4]} exited with {process.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=5)
+            return
+        except OSError:
+            time.sleep(1)
+    raise RuntimeError(f"{url} did not answer within {timeout}s")
+
+
+def start_mlflow_server(backend: str, artifacts: str, port: int) -> subprocess.Popen:
+    """A real `mlflow server` (tracking + registry + UI) on 127.0.0.1:port."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend, "--artifacts-destination",
+         artifacts, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    wait_for_http(f"http://127.0.0.1:{port}/health", process)
+    return process
+
+
+def stop(process: subprocess.Popen) -> None:
+    import signal
+
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A throw-away PostgreSQL cluster (Debian `postgresql` package) on a free loopback port.
+    It refuses to run as root, so as root it runs as the `postgres` user."""
+    import pwd
+
+    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not bins:
+        pytest.skip("PostgreSQL server binaries not installed (Debian package `postgresql`; "
+                    "scripts/setup.sh installs it where apt-get is available)")
+    bindir = os.path.dirname(bins[-1])
+    as_user: list[str] = []
+    data = tempfile.mkdtemp(prefix="fedseek-pg-")
+    if os.geteuid() == 0:
+        user = pwd.getpwnam("postgres")
+        os.chown(data, user.pw_uid, user.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port = free_port()
+    run = lambda *cmd: subprocess.run([*as_user, *cmd], check=True, capture_output=True, text=True)  # noqa: E731
+    run(f"{bindir}/initdb", "-D", f"{data}/db", "-A", "trust", "-U", "fedseek", "--no-sync")
+    run(f"{bindir}/pg_ctl", "-D", f"{data}/db", "-w", "-l", f"{data}/log", "-o",
+        f"-p {port} -h 127.0.0.1 -k {data} -F", "start")
+    try:
+        run(f"{bindir}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "fedseek", "fedseek")
+        yield f"postgresql+psycopg://fedseek@127.0.0.1:{port}/fedseek"
+    finally:
+        subprocess.run([*as_user, f"{bindir}/pg_ctl", "-D", f"{data}/db", "-m", "fast", "-w", "stop"],
+                       capture_output=True)
+        shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    """Every platform-DB test runs on SQLite and on a real PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'fedseek.db'}"
+    url = request.getfixturevalue("postgres_url")
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url)
+    with engine.begin() as connection:  # a clean schema for every test
+        connection.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+    engine.dispose()
+    return url

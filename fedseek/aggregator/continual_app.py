@@ -24,7 +24,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from fedseek.aggregator.server_app import Reporter, SilentReporter, _round_row, _tensors, build_report
+from fedseek.aggregator.server_app import (Reporter, SilentReporter, StopFederation, _round_row, _tensors,
+                                           build_report)
 from fedseek.aggregator.strategy import AdapterFedAvg
 from fedseek.config import PERIOD_SEPARATOR, JobConfig, job_data, period_names
 from fedseek.continual.ewc import EWCState, consolidate, normalise_fisher
@@ -93,8 +94,15 @@ class ContinualRunner:
             self.reporter.round(rows[-1])
             return MetricRecord(evaluation)
 
-        result = strategy.start(grid=self.grid, initial_arrays=arrays, num_rounds=job.federation.rounds,
-                                train_config=train_config, evaluate_fn=evaluate)
+        try:
+            result = strategy.start(grid=self.grid, initial_arrays=arrays, num_rounds=job.federation.rounds,
+                                    train_config=train_config, evaluate_fn=evaluate)
+        except StopFederation as stop:  # a budget would be exceeded: end the sequence cleanly
+            report = build_report(job, data, self.classifier, initial, rows, strategy.round_log, started)
+            report.update(period=job.data.period, data_scope=job.data.period_scope, fisher=[], stopped=str(stop))
+            self.reporter.finish(report)
+            return {"arrays": arrays, "state": state, "report": report, "seconds": time.time() - started,
+                    "stopped": str(stop)}
         epsilon = {e["institution"]: e.get("epsilon") for e in strategy.round_log.get(job.federation.rounds, [])}
         fisher_log: list[dict] = []
         if job.ewc.fisher_after:
@@ -161,6 +169,11 @@ class ContinualRunner:
             job = self.period_job(method, names, lam, uses_fisher and i < len(sequence) - 1, study,
                                   out / f"period-{i + 1}")
             done = self.train_period(job, arrays, state, matrix)
+            if done.get("stopped"):
+                logger.warning("%s: %s", method, done["stopped"])
+                if not matrix:
+                    raise ValueError(f"{method}: {done['stopped']} (no period finished)")
+                break
             arrays, state = done["arrays"], done["state"]
             reports.append({"period": job.data.period, "seconds": round(done["seconds"], 1),
                             "epsilon": done["report"]["epsilon"], "accuracy_row": matrix[-1]})

@@ -31,6 +31,11 @@ class Reporter(Protocol):
     def finish(self, report: dict) -> None: ...
 
 
+class StopFederation(Exception):
+    """Raised by a reporter's `round` to end the job cleanly after that committed round (e.g. the
+    next round would exceed a privacy budget); the report is built from the rounds so far."""
+
+
 class SilentReporter:
     def start(self, job, data, initial):  # noqa: D102
         pass
@@ -70,10 +75,17 @@ def run_federation(grid: Grid, job: JobConfig, reporter: Reporter | None = None)
         return MetricRecord(evaluation)
 
     train_config = ConfigRecord({**job.to_flat(), "label-names": list(data.label_names)})
-    result = strategy.start(grid=grid, initial_arrays=initial_arrays, num_rounds=job.federation.rounds,
-                            train_config=train_config, evaluate_fn=evaluate)
-    load_trainable_state(classifier.model, _tensors(result.arrays))
+    stopped = None
+    try:
+        result = strategy.start(grid=grid, initial_arrays=initial_arrays, num_rounds=job.federation.rounds,
+                                train_config=train_config, evaluate_fn=evaluate)
+        load_trainable_state(classifier.model, _tensors(result.arrays))
+    except StopFederation as stop:  # the classifier already holds the last committed round's adapter
+        stopped = str(stop)
     report = build_report(job, data, classifier, initial, rows, strategy.round_log, started)
+    if stopped:
+        report["stopped"] = stopped
+        (Path(job.federation.out) / "report.json").write_text(json.dumps(report, indent=2))
     reporter.finish(report)
     return report
 
@@ -83,7 +95,7 @@ def _round_row(server_round: int, evaluation: dict, clients: list[dict], started
             "train_loss": float(np.mean([c["train_loss_last"] for c in clients])) if clients else math.nan,
             "bytes_up": int(sum(c["bytes_up"] for c in clients)),
             "epsilon": {c["institution"]: c.get("epsilon") for c in clients},
-            "elapsed_s": round(time.time() - started, 1)}
+            "elapsed_s": round(time.time() - started, 1), "clients": clients}
 
 
 def build_report(job: JobConfig, data: FederatedData, classifier: AdapterClassifier,

@@ -90,6 +90,8 @@ def simulate(
     fisher_granularity: str = typer.Option("tensor", help="Fisher values released per tensor | row | coordinate."),
     validation_fraction: float = typer.Option(0.1, min=0.0, max=0.5, help="With --periods: records each "
                                               "institution holds out for λ selection."),
+    track: bool = typer.Option(True, "--track/--no-track", help="Record the job in the platform DB, "
+                               "privacy ledger (refusing over-budget jobs) and MLflow; see `fedseek privacy`."),
 ) -> None:
     """Run a federation of simulated institutions (Flower simulation engine, Ray backend); with
     --periods, a continual-learning sequence of federated jobs (see `fedseek continual`)."""
@@ -105,7 +107,8 @@ def simulate(
     from fedseek.data.loader import DataError
     from fedseek.models.lora import LoraSettings
     from fedseek.platform.console import RichReporter
-    from fedseek.platform.simulation import SimulationError, simulate as run
+    from fedseek.platform.jobs import run_job
+    from fedseek.platform.simulation import SimulationError
 
     job = JobConfig(
         data=DataSettings(task=task, data=_path(data), data_dir=_path(data_dir), test_data=_path(test_data),
@@ -130,16 +133,20 @@ def simulate(
         job = _preflight(job)
         out.mkdir(parents=True, exist_ok=True)
         if not job.data.periods:
-            run(job, RichReporter(console), cpus_per_client=cpus_per_client, verbose=verbose)
+            run_job(job, RichReporter(console), verbose=verbose, track=track, cpus_per_client=cpus_per_client)
             return
         from fedseek.aggregator.continual_app import run_continual
         from fedseek.platform.console import print_cl_table
 
         arms = tuple(m.strip() for m in compare.split(",") if m.strip())
         lambdas = tuple(float(x) for x in tune_lambda.split(",") if x.strip())
-        result = run(job, RichReporter(console), cpus_per_client=cpus_per_client, verbose=verbose,
-                     run=lambda grid, j, r: run_continual(grid, j, r, compare=arms, tune=lambdas,
-                                                          tune_only=tune_only))
+        if track and (arms or lambdas):
+            console.print("note: comparison and tuning arms are a what-if study: not recorded in the "
+                          "platform ledger or registry (run one method to record it)")
+        result = run_job(job, RichReporter(console), verbose=verbose, track=track and not (arms or lambdas),
+                         cpus_per_client=cpus_per_client,
+                         run=lambda grid, j, r: run_continual(grid, j, r, compare=arms, tune=lambdas,
+                                                              tune_only=tune_only))
         if tune_only:
             selection = result["lambda_selection"] or {}
             console.print(f"λ chosen on validation splits: {selection.get('chosen')} "
@@ -205,6 +212,11 @@ def report(path: Path = typer.Argument(Path("runs/latest/report.json"), help="A 
         raise typer.Exit(code=2)
     json.dump(json.loads(path.read_text()), sys.stdout, indent=2)
     sys.stdout.write("\n")
+
+
+from fedseek.platform.admin_cli import register  # noqa: E402  platform admin commands
+
+register(app)
 
 
 def main() -> None:  # pragma: no cover - console-script shim

@@ -1,0 +1,46 @@
+"""Run a federated job with platform tracking: pre-flight budget check before Ray starts, then
+the simulation with a PlatformReporter around the caller's reporter."""
+from __future__ import annotations
+
+import copy
+
+from fedseek.config import JobConfig, data_arguments
+
+
+class PlatformUnavailable(ValueError):
+    """The platform DB cannot be reached: nothing was trained."""
+
+
+def run_job(job: JobConfig, inner=None, verbose: bool = False, track: bool = True, settings=None,
+            **simulate_options):
+    """Run `job`; with `track`, refuse it (ledger.BudgetExceeded) if any institution would exceed
+    its privacy budget, and record it in the platform DB and MLflow. `simulate_options` go to
+    `fedseek.platform.simulation.simulate`."""
+    from fedseek.platform.simulation import simulate
+
+    if not track:
+        return simulate(job, inner, verbose=verbose, **simulate_options)
+    from fedseek.data.tasks import load_federated_data
+    from fedseek.platform.reporter import PlatformReporter
+
+    from sqlalchemy.exc import OperationalError
+
+    reporter = PlatformReporter(inner, settings)
+    try:
+        if job.data.periods:  # continual: each period is a platform job; check the first one now
+            from fedseek.config import PERIOD_SEPARATOR, job_data, period_names
+
+            first = copy.deepcopy(job)
+            names = period_names(job)
+            first.data.period = PERIOD_SEPARATOR.join(names) if job.ewc.method == "joint" else names[0]
+            reporter.preflight(first, job_data(first))
+        else:
+            reporter.preflight(job, load_federated_data(**data_arguments(job)))
+    except OperationalError as err:
+        raise PlatformUnavailable(f"platform DB unreachable ({str(err.orig).splitlines()[0][:300]}); fix "
+                                  "FEDSEEK_DB_URL or run with --no-track") from None
+    try:
+        return simulate(job, reporter, verbose=verbose, **simulate_options)
+    except BaseException as err:
+        reporter.fail(str(err) or type(err).__name__)
+        raise

@@ -1,0 +1,131 @@
+"""The privacy ledger in the platform DB: what each institution has spent, the pre-flight
+projection of a job, and the atomic commit of a round with its ledger entries.
+
+Composition follows `fedseek.privacy.ledger_math` (sequential over `all` releases, parallel over
+disjoint continual-learning periods). An institution a job meets for the first time is registered
+automatically with `FEDSEEK_DEFAULT_EPSILON_MAX` (register it beforehand with
+`fedseek institutions add` to set its own budget). Jobs without DP are not charged: they carry no
+guarantee at all, and the job row records that DP was off.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from fedseek.platform.db import Institution, LedgerEntry, Round
+from fedseek.privacy.accountant import default_delta, noise_for_budget
+from fedseek.privacy.ledger_math import Release, institution_epsilon
+
+KINDS = ("hospital", "bank", "site")
+
+
+class BudgetExceeded(ValueError):
+    """A job (or its next round) would take an institution past its privacy budget."""
+
+
+@dataclass
+class Projection:
+    institution: str
+    epsilon_max: float
+    spent: float
+    projected: float
+    delta: float
+
+    @property
+    def exceeds(self) -> bool:
+        return self.projected > self.epsilon_max + 1e-9
+
+    def refusal(self) -> str:
+        return (f"institution {self.institution!r} would exceed its privacy budget: epsilon_max "
+                f"{self.epsilon_max:g}, already spent {self.spent:.3f}, projected after this job "
+                f"{self.projected:.3f} (delta {self.delta:.1e})")
+
+
+def kind_of(name: str) -> str:
+    prefix = name.split("_", 1)[0]
+    return prefix if prefix in KINDS else "site"
+
+
+def institution(session: Session, name: str, delta: float | None, default_budget: float) -> Institution:
+    """The registered institution `name`, registered now with `default_budget` if unknown."""
+    row = session.scalars(select(Institution).filter_by(name=name)).one_or_none()
+    if row is None:
+        row = Institution(name=name, kind=kind_of(name), epsilon_max=default_budget, delta=delta)
+        session.add(row)
+        session.flush()
+    elif row.delta is None and delta is not None:
+        row.delta = delta
+    return row
+
+
+def releases(session: Session, institution_id: int) -> list[Release]:
+    entries = session.scalars(select(LedgerEntry).filter_by(institution_id=institution_id)
+                              .order_by(LedgerEntry.id)).all()
+    return [Release(e.data_scope, e.sigma, e.q, e.steps) for e in entries]
+
+
+def spent(session: Session, row: Institution, method: str = "prv") -> float:
+    delta = row.delta or 1e-5
+    return institution_epsilon(releases(session, row.id), delta, method)
+
+
+def planned_releases(job, num_records: int, scope: str) -> tuple[list[Release], float]:
+    """The releases a DP job will make for one institution with `num_records`, and its delta:
+    sigma is derived exactly as the client derives it (`LocalTrainer.plan_noise`)."""
+    privacy, optim = job.privacy, job.optim
+    q = min(1.0, optim.batch_fraction)
+    delta = privacy.delta or default_delta(num_records)
+    total_steps = optim.local_steps * job.federation.rounds
+    sigma = (privacy.noise_multiplier if privacy.noise_multiplier is not None
+             else noise_for_budget(privacy.target_epsilon, delta, q, total_steps))
+    return [Release(scope, sigma, q, optim.local_steps)] * job.federation.rounds, delta
+
+
+def project(session: Session, plans: dict[str, tuple[list[Release], float]],
+            default_budget: float) -> list[Projection]:
+    """epsilon per institution after its stored history plus the planned releases."""
+    projections = []
+    for name, (planned, delta) in plans.items():
+        row = institution(session, name, delta, default_budget)
+        history = releases(session, row.id)
+        at = row.delta or delta
+        projections.append(Projection(name, row.epsilon_max, institution_epsilon(history, at),
+                                      institution_epsilon(history + planned, at), at))
+    return projections
+
+
+def check_budget(projections: list[Projection]) -> None:
+    refused = [p.refusal() for p in projections if p.exceeds]
+    if refused:
+        raise BudgetExceeded("; ".join(refused) + ". Nothing was trained.")
+
+
+def commit_round(session: Session, job_id: int, row: dict, entries: list[dict], scope: str,
+                 clip: float, default_budget: float) -> None:
+    """Add the round and its ledger entries to `session` (the caller's one transaction).
+    `entries`: dicts with institution, kind, sigma, q, steps, delta."""
+    session.add(Round(job_id=job_id, number=int(row["round"]), accuracy=float(row["accuracy"]),
+                      loss=float(row["loss"]), train_loss=_finite(row.get("train_loss")),
+                      bytes_up=int(row.get("bytes_up", 0))))
+    add_entries(session, job_id, int(row["round"]), entries, scope, clip, default_budget)
+
+
+def add_entries(session: Session, job_id: int, round_number: int, entries: list[dict], scope: str,
+                clip: float, default_budget: float) -> None:
+    """Charge `entries` (a round's, or a Fisher pass's) to their institutions, in `session`."""
+    for entry in entries:
+        inst = institution(session, entry["institution"], entry["delta"], default_budget)
+        history = releases(session, inst.id) + [Release(scope, entry["sigma"], entry["q"], entry["steps"])]
+        at = inst.delta or entry["delta"]
+        session.add(LedgerEntry(
+            institution_id=inst.id, job_id=job_id, round_number=round_number, kind=entry["kind"],
+            data_scope=scope, sigma=entry["sigma"], q=entry["q"], steps=int(entry["steps"]), clip=clip,
+            delta=entry["delta"], epsilon_after=institution_epsilon(history, at),
+            epsilon_rdp_after=institution_epsilon(history, at, "rdp")))
+        session.flush()
+
+
+def _finite(value) -> float | None:
+    return None if value is None or value != value else float(value)

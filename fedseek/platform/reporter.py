@@ -1,0 +1,274 @@
+"""PlatformReporter: records a federated job in the platform DB (job, rounds committed atomically
+with their ledger entries, adapter version) and in MLflow (through the outbox), registers the
+adapter and gates promotion. Same start/round/finish protocol as `server_app.Reporter`."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+from fedseek.aggregator.server_app import StopFederation
+from fedseek.platform import ledger, plots
+from fedseek.platform.db import (AdapterVersion, Job, LedgerEntry, Period, get_or_create_task, session_scope,
+                                 utcnow)
+from fedseek.platform.registry import model_name
+from fedseek.platform.settings import PlatformSettings, load_settings
+from fedseek.platform.tracking import Outbox, flush_all
+from fedseek.privacy.ledger_math import Release, institution_epsilon
+
+
+class StopJob(StopFederation):
+    """The next round would exceed a budget: end the job cleanly after the committed round."""
+
+
+def data_scope(job) -> str:
+    """The disjoint record slice the job trains on (continual-learning period), else "all"."""
+    scope = getattr(job.data, "period_scope", None)
+    scope = scope() if callable(scope) else scope
+    return scope or "all"
+
+
+def adapter_sha256(directory: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(Path(directory).rglob("*")):
+        if path.is_file():
+            digest.update(path.relative_to(directory).as_posix().encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def task_name(job, data_task: str | None = None) -> str:
+    if data_task:
+        return data_task
+    if job.data.data:
+        return Path(job.data.data).stem
+    return Path(job.data.data_dir).name if job.data.data_dir else job.data.task
+
+
+class PlatformReporter:
+    """Each start..finish cycle is one platform job (a continual-learning run calls it once per
+    period): its own DB row, pre-flight check, MLflow parent run and registered version."""
+
+    def __init__(self, inner=None, settings: PlatformSettings | None = None):
+        self.inner, self.settings = inner, settings or load_settings()
+        self.db = self.settings.database_url
+        self.job_id: int | None = None
+        self.finished = False
+        self.outbox: Outbox | None = None
+        self.steps_seen: dict[tuple[str, str], int] = {}
+        self.rows: list[dict] = []
+
+    # -- before Ray starts -------------------------------------------------------------------
+    def preflight(self, job, data) -> list[ledger.Projection]:
+        """Record the job and refuse it (BudgetExceeded, job row 'refused') if any institution's
+        projected epsilon exceeds its budget."""
+        scope, plans = data_scope(job), {}
+        if job.privacy.enabled:
+            plans = {n: ledger.planned_releases(job, len(t), scope) for n, t in zip(data.institutions, data.train)}
+        with session_scope(self.db) as session:
+            projections = ledger.project(session, plans, self.settings.default_epsilon_max)
+            task = get_or_create_task(session, data.task)
+            if scope != "all" and not any(p.name == scope for p in task.periods):
+                session.add(Period(task_id=task.id, name=scope, position=len(task.periods)))
+            row = Job(task_id=task.id, data_scope=scope, status="running", config_json=json.dumps(job.to_flat()),
+                      planned_rounds=job.federation.rounds)
+            session.add(row)
+            session.flush()
+            self.job_id, self.finished = row.id, False
+        try:
+            ledger.check_budget(projections)
+        except ledger.BudgetExceeded as refusal:
+            self._close("refused", str(refusal))
+            raise
+        return projections
+
+    # -- Reporter protocol ----------------------------------------------------------------------
+    def start(self, job, data, initial) -> None:
+        if self.job_id is None or self.finished:  # not pre-flighted yet, or the next period's job
+            self.preflight(job, data)
+        self.job, self.task = job, data.task
+        self.steps_seen, self.rows = {}, []
+        self.outbox = Outbox(self.settings.outbox_dir, f"job-{self.job_id:06d}")
+        self._flush()  # older journals first, so versions keep their order
+        params = {"sigma": job.privacy.noise_multiplier, "q": job.optim.batch_fraction,
+                  "clip": job.privacy.clip_norm, "target_epsilon": job.privacy.target_epsilon,
+                  "delta": job.privacy.delta, "dp": job.privacy.enabled, "rounds": job.federation.rounds,
+                  "local_steps": job.optim.local_steps, "lora_rank": job.lora.rank, "ffa": job.lora.ffa,
+                  "institutions": ",".join(data.institutions), "data_scope": data_scope(job)}
+        self.outbox.append("run", key="job", experiment=data.task, name=f"job-{self.job_id}",
+                           db_url=self.db, job_id=self.job_id,
+                           tags={"fedseek.job_id": self.job_id, "fedseek.data_scope": data_scope(job)})
+        self.outbox.append("params", key="job", params={k: str(v) for k, v in params.items() if v is not None})
+        for name, records in zip(data.institutions, data.train):
+            self.outbox.append("run", key=f"institution:{name}", parent="job", experiment=data.task,
+                               name=name, tags={"fedseek.institution": name})
+            self.outbox.append("params", key=f"institution:{name}", params={"records": len(records)})
+        self._metrics("job", 0, _finite({"accuracy": initial["accuracy"], "loss": initial["loss"]}))
+        self._flush()
+        if self.inner:
+            self.inner.start(job, data, initial)
+
+    def round(self, row: dict) -> None:
+        entries = self._ledger_entries(row)
+        with session_scope(self.db) as session:  # the round and its ledger entries: one transaction
+            ledger.commit_round(session, self.job_id, row, entries, data_scope(self.job),
+                                self.job.privacy.clip_norm, self.settings.default_epsilon_max)
+        self.rows.append(row)
+        step = int(row["round"])
+        self._metrics("job", step, _finite({k: row.get(k) for k in ("accuracy", "loss", "train_loss", "bytes_up")}))
+        for client in row.get("clients", []):
+            self._metrics(f"institution:{client['institution']}", step, _finite({
+                k: client.get(k) for k in ("epsilon", "epsilon_rdp", "train_loss_last", "noise_multiplier",
+                                           "sample_rate", "steps", "num_examples")}))
+        self._flush()
+        if self.inner:
+            self.inner.round(row)
+        if step < self.job.federation.rounds and entries:
+            self._stop_if_next_round_exceeds(entries)
+
+    def finish(self, report: dict) -> None:
+        out = Path(report["adapter_dir"]).parent
+        stopped = report.get("stopped")
+        with session_scope(self.db) as session:
+            job = session.get(Job, self.job_id)
+            job.final_accuracy = report["final_accuracy"]
+            version = AdapterVersion(job_id=self.job_id, task_id=job.task_id, path=report["adapter_dir"],
+                                     sha256=adapter_sha256(Path(report["adapter_dir"])))
+            session.add(version)
+            session.flush()
+            version_id = version.id
+            if self.job.privacy.enabled:  # the DP Fisher passes that followed the rounds
+                fisher = [_fisher_entry(e) for e in report.get("fisher") or [] if "fisher_steps" in e]
+                ledger.add_entries(session, self.job_id, len(self.rows), fisher, data_scope(self.job),
+                                   self.job.privacy.clip_norm, self.settings.default_epsilon_max)
+        self._log_artifacts(report, out)
+        tags = self._version_tags(report)
+        self.outbox.append("register", key="job", model=model_name(self.task), artifact_path="adapter",
+                           tags=tags, db_url=self.db, adapter_version_id=version_id)
+        if self.settings.auto_promote and not stopped:
+            self.outbox.append("promote", key="job", model=model_name(self.task), db_url=self.db,
+                               limits={"max_forgetting": self.settings.max_forgetting,
+                                       "min_bwt": self.settings.min_bwt})
+        for key in [f"institution:{n}" for n in report["institutions"]] + ["job"]:
+            self.outbox.append("end", key=key, status="FINISHED")
+        self.outbox.append("close")
+        self._close("stopped" if stopped else "finished", stopped or "")
+        self.finished = True
+        self._flush()
+        if self.inner:
+            self.inner.finish(report)
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def _ledger_entries(self, row: dict) -> list[dict]:
+        """Ledger entries of this round from the clients' replies (steps made *this* round)."""
+        if not self.job.privacy.enabled:
+            return []
+        entries = []
+        for client in row.get("clients", []):
+            name = client["institution"]
+            for kind, prefix in (("train", ""), ("fisher", "fisher_")):
+                if f"{prefix}steps" not in client or f"{prefix}noise_multiplier" not in client:
+                    continue
+                total = int(client[f"{prefix}steps"])
+                steps = total - self.steps_seen.get((name, kind), 0) if kind == "train" else total
+                self.steps_seen[(name, kind)] = total
+                if steps > 0:
+                    entries.append({"institution": name, "kind": kind, "sigma": float(client[f"{prefix}noise_multiplier"]),
+                                    "q": float(client[f"{prefix}sample_rate"]), "steps": steps,
+                                    "delta": float(client["delta"])})
+        return entries
+
+    def _stop_if_next_round_exceeds(self, entries: list[dict]) -> None:
+        from sqlalchemy import select
+
+        from fedseek.platform.db import Institution
+
+        scope = data_scope(self.job)
+        with session_scope(self.db) as session:
+            for entry in (e for e in entries if e["kind"] == "train"):
+                inst = session.scalars(select(Institution).filter_by(name=entry["institution"])).one()
+                history = ledger.releases(session, inst.id)
+                nxt = institution_epsilon(history + [Release(scope, entry["sigma"], entry["q"], entry["steps"])],
+                                          inst.delta or entry["delta"])
+                if nxt > inst.epsilon_max + 1e-9:
+                    raise StopJob(f"stopped before round {len(self.rows) + 1}: institution "
+                                  f"{inst.name!r} would reach epsilon {nxt:.3f} > budget {inst.epsilon_max:g}")
+
+    def _metrics(self, key: str, step: int, values: dict) -> None:
+        self.outbox.append("metrics", key=key, step=step, metrics=values)
+
+    def _log_artifacts(self, report: dict, out: Path) -> None:
+        keep = self.outbox.keep
+        self.outbox.append("artifact", key="job", path=keep(out / "report.json", "report.json"))
+        self.outbox.append("artifact", key="job", path=keep(Path(report["adapter_dir"]), "adapter"),
+                           artifact_path="adapter")
+        plot_dir = self.outbox.files / "plots"
+        files = [plots.curves(report["rounds"], plot_dir / "curves.png")] if report["rounds"] else []
+        series, budgets = self._epsilon_series(report["institutions"])
+        if any(series.values()):
+            files.append(plots.epsilon_over_time(series, budgets, plot_dir / "epsilon.png"))
+        matrix = (report.get("cl") or {}).get("accuracy_matrix")
+        if matrix:
+            files.append(plots.accuracy_matrix(matrix, plot_dir / "accuracy_matrix.png",
+                                               (report.get("cl") or {}).get("periods")))
+        for path in files:
+            self.outbox.append("artifact", key="job", path=str(path), artifact_path="plots")
+
+    def _epsilon_series(self, names: list[str]):
+        from sqlalchemy import select
+
+        from fedseek.platform.db import Institution
+
+        series, budgets = {}, {}
+        with session_scope(self.db) as session:
+            for inst in session.scalars(select(Institution).where(Institution.name.in_(names))):
+                entries = session.scalars(select(LedgerEntry).filter_by(institution_id=inst.id)
+                                          .order_by(LedgerEntry.id)).all()
+                series[inst.name] = [(i + 1, e.epsilon_after) for i, e in enumerate(entries)]
+                budgets[inst.name] = inst.epsilon_max
+        return series, budgets
+
+    def _version_tags(self, report: dict) -> dict:
+        tags = {"accuracy": report["final_accuracy"], "job_id": self.job_id,
+                "epsilon": json.dumps({k: round(v, 4) for k, v in (report.get("epsilon") or {}).items()}), "delta": report.get("delta"),
+                "sigma": report.get("noise_multiplier"), "q": report.get("sampling_rate"),
+                "steps": report.get("steps"), "clip": report.get("clip_norm"),
+                "lora_rank": report.get("lora_rank"), "base_model_sha256": report.get("base_model_sha256"),
+                "data_scope": data_scope(self.job)}
+        cl = report.get("cl") or {}
+        if cl.get("accuracy_matrix"):
+            from fedseek.continual.metrics import backward_transfer, forgetting
+
+            tags["forgetting"] = cl.get("forgetting", forgetting(cl["accuracy_matrix"]))
+            tags["bwt"] = cl.get("bwt", backward_transfer(cl["accuracy_matrix"]))
+        return {k: v for k, v in tags.items() if v is not None}
+
+    def fail(self, message: str) -> None:
+        """Mark the job failed (the federation raised); its committed rounds stay in the ledger."""
+        if self.job_id is not None:
+            self._close("failed", message)
+        if self.outbox is not None:
+            self.outbox.append("tags", key="job", tags={"fedseek.error": message[:500]})
+            self.outbox.append("end", key="job", status="FAILED")
+            self.outbox.append("close")
+            self._flush()
+
+    def _close(self, status: str, message: str) -> None:
+        with session_scope(self.db) as session:
+            job = session.get(Job, self.job_id)
+            job.status, job.message, job.finished_at = status, message, utcnow()
+
+    def _flush(self) -> None:
+        flush_all(self.settings.outbox_dir, self.settings.tracking_uri, self.settings.artifact_root)
+
+
+def _finite(values: dict) -> dict:
+    return {k: v for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+
+
+def _fisher_entry(entry: dict) -> dict:
+    """A ledger entry from one institution's Fisher-pass log (`report["fisher"]`)."""
+    return {"institution": entry["institution"], "kind": "fisher", "sigma": float(entry["fisher_noise_multiplier"]),
+            "q": float(entry["fisher_sample_rate"]), "steps": int(entry["fisher_steps"]),
+            "delta": float(entry["delta"])}
