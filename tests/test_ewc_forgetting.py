@@ -50,6 +50,5 @@ def test_ewc_forgets_less_than_naive_under_dp():
         train_period(train[1], state if lam else None, lam)
         forgetting[method] = after_first - trainer.classifier.evaluate(first_test)["accuracy"]
     assert after_first > 0.1, after_first  # well above chance (1 in 39 labels)
-    print(after_first, forgetting)
     assert forgetting["naive"] > 0.03, forgetting
     assert forgetting["ewc"] < 0.5 * forgetting["naive"], forgetting
