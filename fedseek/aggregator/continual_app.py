@@ -121,6 +121,7 @@ class ContinualRunner:
             if len(matrix) == len(self.periods) or job.ewc.method == "joint":
                 report["cl"] = cl_summary(matrix, self.periods, job.ewc.method,
                                           job.ewc.lam if job.ewc.uses_fisher else None)
+        (Path(job.federation.out) / "report.json").write_text(json.dumps(report, indent=2))
         self.reporter.finish(report)
         return {"arrays": result.arrays, "state": state, "report": report,
                 "seconds": time.time() - started}
