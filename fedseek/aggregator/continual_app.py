@@ -100,6 +100,7 @@ class ContinualRunner:
         except StopFederation as stop:  # a budget would be exceeded: end the sequence cleanly
             report = build_report(job, data, self.classifier, initial, rows, strategy.round_log, started)
             report.update(period=job.data.period, data_scope=job.data.period_scope, fisher=[], stopped=str(stop))
+            (Path(job.federation.out) / "report.json").write_text(json.dumps(report, indent=2))
             self.reporter.finish(report)
             return {"arrays": arrays, "state": state, "report": report, "seconds": time.time() - started,
                     "stopped": str(stop)}
