@@ -73,10 +73,7 @@ class ContinualRunner:
         period and the row appended; the last period's report then carries the `cl` block."""
         started = time.time()
         data = job_data(job)
-        config = {**job.to_flat(), "label-names": list(self.label_names)}
-        if data.active_labels is not None:
-            config["active-labels"] = list(data.active_labels)
-        train_config = ConfigRecord(config)
+        train_config = self.message_config(job, data)
         extra = {"ewc": _records(state.to_flat())} if job.ewc.uses_fisher and len(state) else None
         strategy = AdapterFedAvg(job.federation.institutions, job.compression, extra_records=extra)
         test = self.tests[job.data.period] if job.data.period in self.tests else None
@@ -127,6 +124,14 @@ class ContinualRunner:
         return {"arrays": result.arrays, "state": state, "report": report,
                 "seconds": time.time() - started}
 
+    def message_config(self, job: JobConfig, data) -> ConfigRecord:
+        """What institutions need to rebuild the job: its flat config, the label names and, in a
+        task-incremental period, the active labels."""
+        config = {**job.to_flat(), "label-names": list(self.label_names)}
+        if data.active_labels is not None:
+            config["active-labels"] = list(data.active_labels)
+        return ConfigRecord(config)
+
     def federated_fisher(self, arrays: ArrayRecord, config: ConfigRecord) -> tuple[dict, list[dict]]:
         """Every institution's DP Fisher diagonal at `arrays`, aggregated by examples."""
         messages = [Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=node,
@@ -148,10 +153,7 @@ class ContinualRunner:
         pjob = copy.deepcopy(job)
         pjob.data.period = period
         data = job_data(pjob)
-        config = {**pjob.to_flat(), "label-names": list(self.label_names)}
-        if data.active_labels is not None:
-            config["active-labels"] = list(data.active_labels)
-        content = RecordDict({"arrays": arrays, "config": ConfigRecord(config)})
+        content = RecordDict({"arrays": arrays, "config": self.message_config(pjob, data)})
         messages = [Message(content, dst_node_id=node, message_type="evaluate.validation")
                     for node in self.grid.get_node_ids()]
         correct = total = 0
