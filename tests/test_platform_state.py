@@ -136,7 +136,7 @@ def test_running_job_stops_before_the_round_that_would_exceed(db_url, tmp_path, 
 def test_fisher_passes_are_charged_and_scopes_compose_in_parallel(db_url, tmp_path, small_data):
     reporter = PlatformReporter(settings=settings_for(db_url, tmp_path, budget=50.0))
     job = small_job(rounds=1)
-    job.data.period_scope = "2005-2009"  # set by the continual-learning job config
+    job.data.period = "2005-2009"  # one continual-learning period: its ledger scope
     reporter.preflight(job, small_data)
     reporter.start(job, small_data, {"accuracy": 0.01, "loss": 4.4})
     row = round_row(1, small_data.institutions, 1.0)
@@ -168,7 +168,7 @@ def test_continual_periods_are_one_job_each_with_fisher_charged_at_finish(db_url
     sites = small_data.institutions
     for period, fisher in (("2005-2009", True), ("2010-2014", False)):
         job = small_job(rounds=1)
-        job.data.period_scope = period
+        job.data.period = period  # one period per job: scope = the period
         reporter.start(job, small_data, {"accuracy": float("nan"), "loss": float("nan")})
         row = round_row(1, sites, 1.0)  # cumulative steps restart with every period
         reporter.round(row)
