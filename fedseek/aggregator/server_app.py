@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedseek.aggregator.strategy import AdapterFedAvg
@@ -51,8 +52,11 @@ def _tensors(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.array(v.numpy())) for k, v in arrays.items()}
 
 
-def run_federation(grid: Grid, job: JobConfig, reporter: Reporter | None = None) -> dict:
-    """Run the whole job on `grid` and return the report (also written to `out/report.json`)."""
+def run_federation(grid: Grid, job: JobConfig, reporter: Reporter | None = None,
+                   sites: FederatedData | None = None) -> dict:
+    """Run the whole job on `grid` and return the report (also written to `out/report.json`).
+    `sites`: the institutions as a census found them (deployment), reported instead of the
+    server's own view of the data."""
     reporter = reporter or SilentReporter()
     started = time.time()
     data = load_federated_data(**data_arguments(job))
@@ -61,7 +65,7 @@ def run_federation(grid: Grid, job: JobConfig, reporter: Reporter | None = None)
     test = classifier.encode(data.test.texts, data.test.labels)
     initial_arrays = ArrayRecord({k: Array(v.numpy()) for k, v in trainable_state(classifier.model).items()})
     initial = classifier.evaluate(test)
-    reporter.start(job, data, initial)
+    reporter.start(job, sites or data, initial)
     strategy = AdapterFedAvg(job.federation.institutions, job.compression)
     rows: list[dict] = []
 
@@ -82,7 +86,7 @@ def run_federation(grid: Grid, job: JobConfig, reporter: Reporter | None = None)
         load_trainable_state(classifier.model, _tensors(result.arrays))
     except StopFederation as stop:  # the classifier already holds the last committed round's adapter
         stopped = str(stop)
-    report = build_report(job, data, classifier, initial, rows, strategy.round_log, started)
+    report = build_report(job, sites or data, classifier, initial, rows, strategy.round_log, started)
     if stopped:
         report["stopped"] = stopped
         (Path(job.federation.out) / "report.json").write_text(json.dumps(report, indent=2))
@@ -139,6 +143,49 @@ def build_report(job: JobConfig, data: FederatedData, classifier: AdapterClassif
     return report
 
 
+@dataclass
+class RecordCount:
+    """An institution's training-record count as its census reply gave it (no records)."""
+
+    records: int
+
+    def __len__(self) -> int:
+        return self.records
+
+
+class CensusError(RuntimeError):
+    """Not enough institutions connected, or one refused the census."""
+
+
+def census(grid: Grid, job: JobConfig, timeout: float = 300.0) -> tuple[FederatedData, dict[str, int]]:
+    """Wait for the job's `institutions` SuperNodes, ask each for its name and record count
+    (`query.census`) and return the server's data view with those institutions and counts, plus
+    institution -> node id. Counts are all that is revealed (they are sent with every update)."""
+    data = load_federated_data(**data_arguments(job))
+    deadline = time.time() + timeout
+    nodes = list(grid.get_node_ids())
+    while len(nodes) < job.federation.institutions and time.time() < deadline:
+        time.sleep(1.0)
+        nodes = list(grid.get_node_ids())
+    if len(nodes) < job.federation.institutions:
+        raise CensusError(f"{len(nodes)} of {job.federation.institutions} institutions connected after "
+                          f"{timeout:.0f}s; check their SuperNodes")
+    config = ConfigRecord({**job.to_flat(), "label-names": list(data.label_names)})
+    messages = [Message(RecordDict({"config": config}), dst_node_id=node, message_type="query.census")
+                for node in nodes]
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    failed = [f"node {r.metadata.src_node_id}: {r.error.reason}" for r in replies if r.has_error()]
+    if failed or len(replies) < len(nodes):
+        raise CensusError("census failed: " + ("; ".join(failed) or f"{len(replies)}/{len(nodes)} replied"))
+    sites = sorted((str(r.content["site"]["institution"]), int(r.metadata.src_node_id),
+                    int(r.content["metrics"]["num-examples"])) for r in replies)
+    names = [name for name, _, _ in sites]
+    if len(set(names)) != len(names):
+        raise CensusError(f"two nodes claim the same institution: {names}")
+    view = replace(data, institutions=names, train=[RecordCount(n) for _, _, n in sites])
+    return view, {name: node for name, node, _ in sites}
+
+
 def make_server_app(job: JobConfig, reporter: Reporter | None = None, run=None) -> ServerApp:
     """A ServerApp running `run(grid, job, reporter)` (default: one federated job)."""
     server = ServerApp()
@@ -156,8 +203,17 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """`flwr run` entry: the run config keys are the `section.field` names of JobConfig, or the
-    short names of [tool.flwr.app.config]."""
-    run_federation(grid, job_from_run_config(dict(context.run_config)))
+    short names of [tool.flwr.app.config], or the whole flat JobConfig as JSON in `job`;
+    `platform-track = true` (what `fedseek deploy run`
+    sets) records the job in the platform DB, privacy ledger and MLflow."""
+    run_config = dict(context.run_config)
+    job = job_from_run_config(run_config)
+    if run_config.get("platform-track"):
+        from fedseek.platform.jobs import run_deployed
+
+        run_deployed(grid, job, census_timeout=float(run_config.get("census-timeout", 300)))
+    else:
+        run_federation(grid, job)
 
 
 RUN_CONFIG_ALIASES = {
@@ -169,5 +225,7 @@ RUN_CONFIG_ALIASES = {
 
 
 def job_from_run_config(run_config: dict) -> JobConfig:
+    if run_config.get("job"):
+        return JobConfig.from_flat(json.loads(str(run_config["job"])))
     flat = {RUN_CONFIG_ALIASES.get(k, k): v for k, v in run_config.items()}
     return JobConfig.from_flat(flat)

@@ -9,7 +9,9 @@ composes over every round, period and Fisher pass of the run.
 Message types: `train` (a DP-LoRA round, with EWC when the server ships `ewc` tensors),
 `train.fisher` (the DP Fisher diagonal at the received adapter: a charged release) and
 `evaluate.validation` (accuracy on the institution's held-out validation records of given periods,
-for choosing λ without the test set; counts only).
+for choosing λ without the test set; counts only) and `query.census` (institution name and
+record count, for the coordinator's privacy pre-flight in deployment). With `ray-address` in the
+node config the handlers run on the institution's Ray worker (`fedseek.clients.ray_worker`).
 """
 from __future__ import annotations
 
@@ -106,15 +108,16 @@ def _save_history(context: Context, job: JobConfig, history) -> None:
         "steps": [int(h[2]) for h in history]})
 
 
-def _setup(msg: Message, context: Context):
-    config = msg.content["config"]
+def _setup(content: RecordDict, context: Context):
+    config = content["config"]
     job = JobConfig.from_flat(dict(config))
     label_names = list(config["label-names"])
     active = [int(x) for x in config["active-labels"]] if "active-labels" in config else None
     trainer = trainer_for(job, len(label_names))
     name, data, validation = site_data(job, dict(context.node_config), label_names, trainer, active)
-    received = {k: torch.from_numpy(np.asarray(v.numpy())) for k, v in msg.content["arrays"].items()}
-    load_trainable_state(trainer.classifier.model, received)
+    if "arrays" in content:  # the global adapter to train/evaluate from (a census has none)
+        received = {k: torch.from_numpy(np.asarray(v.numpy())) for k, v in content["arrays"].items()}
+        load_trainable_state(trainer.classifier.model, received)
     return config, job, trainer, name, data, validation
 
 
@@ -140,11 +143,11 @@ def upload(trained: dict[str, np.ndarray], received: dict[str, np.ndarray], cont
     return payload
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    config, job, trainer, name, data, _ = _setup(msg, context)
+def train_round(content: RecordDict, context: Context) -> RecordDict:
+    """A DP-LoRA round on the received adapter; the reply holds only trainable tensors."""
+    config, job, trainer, name, data, _ = _setup(content, context)
     server_round = int(config["server-round"])
-    ewc = EWCState.from_flat(_tensors(msg.content["ewc"])) if "ewc" in msg.content else None
+    ewc = EWCState.from_flat(_tensors(content["ewc"])) if "ewc" in content else None
     fisher = job.fisher
     planned = [(fisher.noise_multiplier, fisher.sample_rate, 1)] if job.ewc.uses_fisher and job.ewc.fisher_after else []
     history = _history(context, job)
@@ -154,7 +157,7 @@ def train(msg: Message, context: Context) -> Message:
     if result.history:
         _save_history(context, job, result.history)
     trained = {k: v.numpy() for k, v in trainable_state(trainer.classifier.model).items()}
-    received = {k: np.asarray(v.numpy()) for k, v in msg.content["arrays"].items()}
+    received = {k: np.asarray(v.numpy()) for k, v in content["arrays"].items()}
     sent = upload(trained, received, context, job.compression)
     arrays = ArrayRecord({k: Array(v) for k, v in sent.items()})
     metrics = MetricRecord({
@@ -166,15 +169,13 @@ def train(msg: Message, context: Context) -> Message:
     })
     if job.privacy.enabled:  # cumulative over the scope's whole history, not this round alone
         metrics["epsilon"], metrics["epsilon-rdp"] = result.epsilon, result.epsilon_rdp
-    return Message(content=RecordDict({"arrays": arrays, "metrics": metrics,
-                                       "site": ConfigRecord({"institution": name})}), reply_to=msg)
+    return RecordDict({"arrays": arrays, "metrics": metrics, "site": ConfigRecord({"institution": name})})
 
 
-@app.train("fisher")
-def fisher(msg: Message, context: Context) -> Message:
+def fisher_pass(content: RecordDict, context: Context) -> RecordDict:
     """The DP Fisher diagonal of this institution's period records at the received adapter; charged
     to the same privacy history as training."""
-    _, job, trainer, name, data, _ = _setup(msg, context)
+    _, job, trainer, name, data, _ = _setup(content, context)
     settings = dataclasses.replace(job.fisher, clip_norm=job.privacy.clip_norm)
     if not job.privacy.enabled:
         settings = dataclasses.replace(settings, noise_multiplier=0.0)
@@ -189,18 +190,58 @@ def fisher(msg: Message, context: Context) -> Message:
                         "fisher-steps": entry[2], "delta": delta, "epsilon": epsilon(history, delta),
                         "epsilon-rdp": epsilon(history, delta, "rdp")})
     arrays = ArrayRecord({k: Array(v.numpy()) for k, v in diagonal.items()})
-    return Message(content=RecordDict({"arrays": arrays, "metrics": metrics,
-                                       "site": ConfigRecord({"institution": name})}), reply_to=msg)
+    return RecordDict({"arrays": arrays, "metrics": metrics, "site": ConfigRecord({"institution": name})})
 
 
-@app.evaluate("validation")
-def validation(msg: Message, context: Context) -> Message:
+def validation_counts(content: RecordDict, context: Context) -> RecordDict:
     """Correct/total on this institution's validation records of the job's period(s)."""
-    _, _, trainer, name, _, held = _setup(msg, context)
+    _, _, trainer, name, _, held = _setup(content, context)
     if held is None:
         correct, total = 0, 0
     else:
         evaluation = trainer.classifier.evaluate(held)
         correct, total = round(evaluation["accuracy"] * len(held)), len(held)
-    return Message(content=RecordDict({"metrics": MetricRecord({"correct": correct, "total": total}),
-                                       "site": ConfigRecord({"institution": name})}), reply_to=msg)
+    return RecordDict({"metrics": MetricRecord({"correct": correct, "total": total}),
+                       "site": ConfigRecord({"institution": name})})
+
+
+def census(content: RecordDict, context: Context) -> RecordDict:
+    """Who this node is and how many training records it holds for the job (counts only): the
+    coordinator plans each institution's privacy budget from it before any training."""
+    _, _, _, name, data, _ = _setup(content, context)
+    return RecordDict({"metrics": MetricRecord({"num-examples": len(data)}),
+                       "site": ConfigRecord({"institution": name})})
+
+
+HANDLERS = {"train": train_round, "train.fisher": fisher_pass, "evaluate.validation": validation_counts,
+            "query.census": census}
+
+
+def handle(kind: str, content: RecordDict, context: Context) -> RecordDict:
+    """Run the `kind` handler here, or on the institution's Ray worker when its node config names a
+    Ray cluster (`ray-address`): the worker keeps the model and encoded records between rounds."""
+    if context.node_config.get("ray-address"):
+        from fedseek.clients.ray_worker import run_on_worker
+
+        return run_on_worker(kind, content, context)
+    return HANDLERS[kind](content, context)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    return Message(content=handle("train", msg.content, context), reply_to=msg)
+
+
+@app.train("fisher")
+def fisher(msg: Message, context: Context) -> Message:
+    return Message(content=handle("train.fisher", msg.content, context), reply_to=msg)
+
+
+@app.evaluate("validation")
+def validation(msg: Message, context: Context) -> Message:
+    return Message(content=handle("evaluate.validation", msg.content, context), reply_to=msg)
+
+
+@app.query("census")
+def site_census(msg: Message, context: Context) -> Message:
+    return Message(content=handle("query.census", msg.content, context), reply_to=msg)

@@ -218,6 +218,10 @@ from fedseek.platform.admin_cli import register  # noqa: E402  platform admin co
 
 register(app)
 
+from fedseek.platform.deploy_cli import register_commands as register_deploy  # noqa: E402
+
+register_deploy(app)
+
 
 def main() -> None:  # pragma: no cover - console-script shim
     app()

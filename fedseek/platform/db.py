@@ -31,6 +31,9 @@ class Institution(Base):
     epsilon_max: Mapped[float] = mapped_column(Float)  # lifetime budget over every job
     delta: Mapped[float | None] = mapped_column(Float)  # None: the delta of its first job
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # deployment: the SuperLink node id its registered key authenticates as, and that key's digest
+    node_id: Mapped[str | None] = mapped_column(String(20), unique=True)
+    public_key_sha256: Mapped[str | None] = mapped_column(String(64))
 
 
 class Task(Base):
@@ -166,6 +169,25 @@ def upgrade(url: str, revision: str = "head") -> None:
     command.upgrade(config, revision)
 
 
+_CURRENT: set[str] = set()  # URLs checked to be at the head revision in this process
+
+
+def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    return ScriptDirectory.from_config(config).get_current_head()
+
+
+def _revision(engine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
 class SchemaMissing(RuntimeError):
     """The DB has not been migrated."""
 
@@ -175,10 +197,14 @@ def session_scope(url: str, migrate: bool = True):
     """A transaction: committed when the block ends, rolled back (nothing half-written) on error.
     With `migrate`, a DB without the schema is migrated first."""
     engine = engine_for(url)
-    if not inspect(engine).has_table("privacy_ledger"):
-        if not migrate:
-            raise SchemaMissing(f"{url}: no FedSeek schema; run `fedseek db upgrade`")
-        upgrade(url)
+    if url not in _CURRENT:
+        if not inspect(engine).has_table("privacy_ledger"):
+            if not migrate:
+                raise SchemaMissing(f"{url}: no FedSeek schema; run `fedseek db upgrade`")
+            upgrade(url)
+        elif _revision(engine) != head_revision():  # an older FedSeek's DB: migrate it forward
+            upgrade(url)
+        _CURRENT.add(url)
     session = sessionmaker(engine, expire_on_commit=False)()
     try:
         yield session

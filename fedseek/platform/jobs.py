@@ -44,3 +44,21 @@ def run_job(job: JobConfig, inner=None, verbose: bool = False, track: bool = Tru
     except BaseException as err:
         reporter.fail(str(err) or type(err).__name__)
         raise
+
+
+def run_deployed(grid, job: JobConfig, census_timeout: float = 300.0, settings=None) -> dict:
+    """The ServerApp side of `fedseek deploy run`: census of the connected institutions, node
+    identity check, privacy pre-flight from the census counts, then the tracked federated job."""
+    from fedseek.aggregator.server_app import census, run_federation
+    from fedseek.platform.nodes import verify_node_identities
+    from fedseek.platform.reporter import PlatformReporter
+
+    reporter = PlatformReporter(None, settings)
+    sites, node_ids = census(grid, job, census_timeout)
+    verify_node_identities(reporter.db, node_ids)
+    reporter.preflight(job, sites)
+    try:
+        return run_federation(grid, job, reporter, sites=sites)
+    except BaseException as err:
+        reporter.fail(str(err) or type(err).__name__)
+        raise

@@ -1,0 +1,247 @@
+"""`fedseek deploy …`: the commands the docker-compose services run (and the deployment tests run
+as plain processes on loopback). Long-running services replace this process with the Flower
+binary (signals, exit codes and logs are Flower's own)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+deploy_app = typer.Typer(help="Real deployment: TLS certificates, SuperNode keys, SuperLink / SuperNode / "
+                              "ServerApp / ClientApp services, registration and job launch.",
+                         no_args_is_help=True)
+console = Console(soft_wrap=True)
+FEDERATION = "fedseek"
+
+
+def _fail(message: str, code: int = 2):
+    Console(stderr=True, soft_wrap=True, highlight=False).print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code=code)
+
+
+def _exec(command: list[str], extra_env: dict[str, str] | None = None) -> None:
+    """Replace this process with `command` (the Flower binaries find their helpers on PATH)."""
+    env = {**os.environ, **(extra_env or {})}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    console.print("exec: " + " ".join([Path(command[0]).name] + command[1:]), highlight=False)
+    sys.stdout.flush()
+    os.execvpe(command[0], command, env)
+
+
+def _existing(path: Path, what: str) -> Path:
+    if not Path(path).is_file():
+        _fail(f"{what} {path}: no such file")
+    return Path(path)
+
+
+@deploy_app.command()
+def certs(out: Path = typer.Option(Path("certs"), help="Directory for ca.crt, server.crt/.key, superexec.secret."),
+          host: list[str] = typer.Option(..., help="Name or IP the server is reached at (repeat)."),
+          organisation: str = typer.Option("FedSeek federation", help="Organisation in the CA's name.")) -> None:
+    """Create a CA (kept if present) and a TLS server certificate for the given hosts."""
+    from fedseek.platform.deploy import write_certs
+
+    paths = write_certs(out, host, organisation)
+    console.print(f"CA {paths.ca} (give it to every institution), server certificate {paths.server} "
+                  f"for {', '.join(host)}; keep {paths.ca_key} offline")
+
+
+@deploy_app.command()
+def keys(out: Path = typer.Option(Path("keys"), help="Directory for NAME.key and NAME.pub."),
+         institution: str = typer.Option(..., help="Institution name (as it reports itself).")) -> None:
+    """Create an institution's SuperNode authentication key pair (EC P-384, OpenSSH)."""
+    from fedseek.platform.deploy import write_node_keys
+
+    try:
+        private, public = write_node_keys(out, institution)
+    except (FileExistsError, ValueError) as err:
+        _fail(str(err))
+    console.print(f"private key {private} (stays at {institution}); send {public} to the coordinator")
+
+
+@deploy_app.command()
+def superlink(certs: Path = typer.Option(Path("certs"), help="Directory made by `fedseek deploy certs`."),
+              state: Path = typer.Option(Path("state"), help="Directory for the SuperLink's database."),
+              host: str = typer.Option("0.0.0.0", help="Interface to listen on."),
+              port: int = typer.Option(8000, help="The one HTTPS port (Fleet, Control, Runtime APIs).")) -> None:
+    """Run the SuperLink: TLS, SuperNode authentication, ServerApp in a separate process."""
+    from fedseek.platform.deploy import CertPaths, superlink_command
+
+    paths = CertPaths.in_dir(certs)
+    for path, what in ((paths.ca, "CA"), (paths.server, "certificate"), (paths.server_key, "key")):
+        _existing(path, what)
+    state.mkdir(parents=True, exist_ok=True)
+    _exec(superlink_command(certs, state, host, port))
+
+
+@deploy_app.command()
+def serverapp(superlink: str = typer.Option("superlink:8000", help="SuperLink host:port."),
+              ca: Path = typer.Option(Path("certs/ca.crt"), help="CA certificate of the SuperLink."),
+              secret: Path = typer.Option(None, help="SuperExec shared secret (certs/superexec.secret).")) -> None:
+    """Run the process that executes ServerApps (needs FEDSEEK_DB_URL / FEDSEEK_MLFLOW_URI)."""
+    from fedseek.platform.deploy import superexec_command
+
+    _exec(superexec_command(superlink, _existing(ca, "CA"), secret))
+
+
+@deploy_app.command()
+def register(superlink: str = typer.Option("superlink:8000", help="SuperLink host:port."),
+             ca: Path = typer.Option(Path("certs/ca.crt"), help="CA certificate of the SuperLink."),
+             institution: str = typer.Option(..., help="Institution name (as its SuperNode reports it)."),
+             public_key: Path = typer.Option(..., help="The institution's NAME.pub."),
+             epsilon_max: float = typer.Option(None, min=0.0, help="Lifetime privacy budget (default: the platform's).")) -> None:
+    """Admit an institution: register its key at the SuperLink and bind the node id to its name."""
+    from fedseek.platform.db import session_scope
+    from fedseek.platform.deploy import write_flwr_config
+    from fedseek.platform.nodes import NodeIdentityError, bind_node, public_key_sha256
+    from fedseek.platform.settings import load_settings
+
+    settings = load_settings()
+    try:
+        digest = public_key_sha256(_existing(public_key, "public key"))
+    except ValueError as err:
+        _fail(str(err))
+    with tempfile.TemporaryDirectory() as home:
+        write_flwr_config(Path(home), FEDERATION, superlink, _existing(ca, "CA"))
+        proc = subprocess.run([_flwr(), "supernode", "register", str(public_key), FEDERATION, "--name", institution,
+                               "--format", "json"], env={**os.environ, "FLWR_HOME": home},
+                              capture_output=True, text=True, timeout=120)
+    node_id = _json_field(proc.stdout, "node-id")
+    if proc.returncode or node_id is None:
+        _fail(f"SuperLink {superlink} refused the registration: {(proc.stdout + proc.stderr).strip()[-800:]}")
+    try:
+        with session_scope(settings.database_url) as session:
+            row = bind_node(session, institution, int(node_id), digest, settings.default_epsilon_max)
+            if epsilon_max is not None:
+                row.epsilon_max = epsilon_max
+    except NodeIdentityError as err:
+        _fail(str(err))
+    console.print(f"{institution}: registered as node {node_id}")
+
+
+def _flwr() -> str:
+    local = Path(sys.executable).parent / "flwr"
+    return str(local) if local.exists() else "flwr"
+
+
+def _json_field(text: str, key: str):
+    for line in reversed(text.strip().splitlines()):
+        try:
+            return json.loads(line).get(key)
+        except (json.JSONDecodeError, AttributeError):
+            continue
+    try:
+        return json.loads(text).get(key)
+    except (json.JSONDecodeError, AttributeError):
+        return None
+
+
+@deploy_app.command()
+def supernode(superlink: str = typer.Option("superlink:8000", help="SuperLink host:port."),
+              ca: Path = typer.Option(Path("certs/ca.crt"), help="CA certificate of the SuperLink."),
+              key: Path = typer.Option(..., help="This institution's private key (NAME.key)."),
+              institution: str = typer.Option(..., help="This institution's registered name."),
+              data: Path = typer.Option(..., help="This institution's records (CSV/JSONL); never leaves the site."),
+              host: str = typer.Option("127.0.0.1", help="Interface of the SuperNode's Runtime API (for its ClientApp)."),
+              port: int = typer.Option(9094, help="Port of the SuperNode's Runtime API."),
+              ray_address: str = typer.Option(None, help="Site Ray cluster for local training (e.g. ray-head:6379, or 'local')."),
+              num_gpus: float = typer.Option(0.0, min=0.0, help="GPUs reserved per training worker."),
+              num_cpus: float = typer.Option(1.0, min=0.0, help="CPUs reserved per training worker."),
+              local_certs: Path = typer.Option(None, help="The site's own certs (fedseek deploy certs) for the "
+                                               "SuperNode <-> ClientApp link; omit only on loopback."),
+              max_wait_time: float = typer.Option(None, help="Give up connecting after this many seconds.")) -> None:
+    """Run this institution's SuperNode (TLS to the SuperLink, authenticated by its key)."""
+    from fedseek.platform.deploy import CertPaths, supernode_command
+
+    _existing(data, "data file")
+    config = {"institution": institution, "data-path": str(Path(data).resolve()), "ray-address": ray_address,
+              "num-gpus": num_gpus, "num-cpus": num_cpus}
+    secret = CertPaths.in_dir(local_certs).secret if local_certs else None
+    _exec(supernode_command(superlink, _existing(ca, "CA"), _existing(key, "private key"), config, host, port,
+                            secret=secret if secret and secret.exists() else None, local_certs=local_certs,
+                            max_wait_time=max_wait_time))
+
+
+@deploy_app.command()
+def clientapp(supernode: str = typer.Option("supernode:9094", help="The SuperNode's Runtime API host:port."),
+              local_certs: Path = typer.Option(None, help="The site's certs given to the SuperNode.")) -> None:
+    """Run the process that executes this institution's ClientApps."""
+    from fedseek.platform.deploy import CertPaths, superexec_command
+
+    paths = CertPaths.in_dir(local_certs) if local_certs else None
+    _exec(superexec_command(supernode, paths.ca if paths else None,
+                            paths.secret if paths and paths.secret.exists() else None))
+
+
+@deploy_app.command()
+def run(superlink: str = typer.Option("superlink:8000", help="SuperLink host:port."),
+        ca: Path = typer.Option(Path("certs/ca.crt"), help="CA certificate of the SuperLink."),
+        institutions: int = typer.Option(3, min=1, help="Institutions that must take part."),
+        task: str = typer.Option("banking77", help="Task: its label set and the coordinator's test set."),
+        test_data: Path = typer.Option(None, help="Coordinator-side test file (labels define the label set)."),
+        rounds: int = typer.Option(5, min=1, help="Federated rounds."),
+        local_steps: int = typer.Option(12, min=1, help="DP-SGD steps per institution per round."),
+        epsilon: float = typer.Option(8.0, min=0.01, help="Privacy budget per institution for this job."),
+        no_dp: bool = typer.Option(False, "--no-dp", help="Train without differential privacy."),
+        lora_rank: int = typer.Option(16, min=1, help="LoRA rank r."),
+        out: str = typer.Option(None, help="Output directory on the ServerApp host (default runs/deploy/<UTC time>)."),
+        set_: list[str] = typer.Option([], "--set", help="Any other job setting, section.field=value (repeat)."),
+        app_dir: Path = typer.Option(None, help="The FedSeek project directory to run (default: this installation's)."),
+        census_timeout: float = typer.Option(300.0, help="Seconds to wait for the institutions to connect."),
+        track: bool = typer.Option(True, "--track/--no-track", help="Record in the platform DB, ledger and MLflow.")) -> None:
+    """Launch a federated DP-LoRA job on the deployed federation (`flwr run` of this project)."""
+    from fedseek.config import JobConfig
+    from fedseek.platform.deploy import app_directory, write_flwr_config
+
+    job = JobConfig()
+    job.data.task, job.data.test_data = task, str(test_data) if test_data else None
+    job.federation.institutions, job.federation.rounds = institutions, rounds
+    job.federation.out = out or time.strftime("runs/deploy/%Y%m%dT%H%M%SZ", time.gmtime())
+    job.optim.local_steps, job.lora.rank, job.lora.alpha = local_steps, lora_rank, 2.0 * lora_rank
+    job.privacy.enabled, job.privacy.target_epsilon = not no_dp, epsilon
+    flat = job.to_flat()
+    for item in set_:
+        key, sep, value = item.partition("=")
+        if not sep or key not in flat and key not in _settable(job):
+            _fail(f"--set {item!r}: expected section.field=value with a known field (e.g. optim.learning_rate=0.01)")
+        flat[key] = _parse_value(value)
+    directory = app_dir or app_directory()
+    with tempfile.TemporaryDirectory() as home:
+        write_flwr_config(Path(home), FEDERATION, superlink, _existing(ca, "CA"))
+        run_config = Path(home) / "run.toml"
+        run_config.write_text(f"job = {json.dumps(json.dumps(flat))}\nplatform-track = {str(track).lower()}\n"
+                              f"census-timeout = {census_timeout}\n")
+        proc = subprocess.run([_flwr(), "run", str(directory), FEDERATION, "--run-config", str(run_config), "--stream"],
+                              env={**os.environ, "FLWR_HOME": home})
+    if proc.returncode:
+        _fail(f"the federated job failed (flwr run exit {proc.returncode}); see the ServerApp log above", proc.returncode)
+    console.print(f"job finished; report and adapter in {job.federation.out} on the ServerApp host")
+
+
+def _settable(job) -> set[str]:
+    import dataclasses
+
+    return {f"{s.name}.{f.name}" for s in dataclasses.fields(job) for f in dataclasses.fields(getattr(job, s.name))}
+
+
+def _parse_value(text: str):
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def register_commands(app: typer.Typer) -> None:
+    app.add_typer(deploy_app, name="deploy")
