@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv with FedSeek and its pinned dependencies (CPU torch wheel). Idempotent.
 # As root with apt-get, also installs the Debian packages the platform tests start for real:
-# PostgreSQL (server binaries) and Chromium + chromedriver (dashboard test).
+# PostgreSQL (server binaries), Chromium + chromedriver (dashboard test) and docker-compose
+# (validates docker-compose.yml with `docker-compose config`; no Docker engine is started).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -9,6 +10,7 @@ missing=()
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
+command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
 if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "installing Debian packages: ${missing[*]}"
   (apt-get install -y -q "${missing[@]}" >/dev/null 2>&1 ||
