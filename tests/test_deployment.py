@@ -130,6 +130,9 @@ def federation(tmp_path_factory):
         yield state
     finally:
         procs.stop_all()
+        advertised = Path("/tmp/ray/ray_current_cluster")  # `ray start` advertises its head here
+        if advertised.is_file() and advertised.read_text().strip().endswith(f":{ray_port}"):
+            advertised.unlink()
         if "mlflow" in state:
             stop(state["mlflow"])
 

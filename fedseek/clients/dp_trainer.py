@@ -132,7 +132,7 @@ class LocalTrainer:
             for index, chunk in enumerate(chunks):
                 last = index == len(chunks) - 1
                 logits = self.classifier.logits(data, chunk)
-                loss = nn.functional.cross_entropy(logits, data.labels[chunk])
+                loss = nn.functional.cross_entropy(logits, data.labels[chunk].to(logits.device))
                 if not privacy.enabled:  # plain mean over the whole logical batch
                     loss = loss * len(chunk) / len(sample)
                 loss.backward()
@@ -165,13 +165,13 @@ class LocalTrainer:
         sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in self.named_params.items()}
         for chunk in AdapterClassifier._length_sorted_chunks(data.inputs, sample, chunk_size):
             logits = self.classifier.logits(data, chunk)
-            nn.functional.cross_entropy(logits, data.labels[chunk]).backward()
+            nn.functional.cross_entropy(logits, data.labels[chunk].to(logits.device)).backward()
             grad_samples = {n: p.grad_sample.detach().float() for n, p in self.named_params.items()}
             for name, value in clipped_square_sums(grad_samples, settings.clip_norm).items():
                 sums[name] += value
             for p in self.params:
                 p.grad_sample, p.grad = None, None
-        groups = add_noise(group_sums(sums, settings.granularity),
+        groups = add_noise({n: g.cpu() for n, g in group_sums(sums, settings.granularity).items()},
                            settings.noise_multiplier * settings.clip_norm ** 2, generator)
         shapes = {n: p.shape for n, p in self.named_params.items()}
         expected = settings.sample_rate * len(data)  # data-independent given N (released anyway)
@@ -181,6 +181,6 @@ class LocalTrainer:
     def _noise_only_step(self, optimizer: torch.optim.Optimizer, std: float) -> None:
         """An empty Poisson sample still releases a noised (zero-signal) update."""
         for p in self.params:
-            p.grad = torch.normal(0.0, std, size=p.shape)
+            p.grad = torch.normal(0.0, std, size=p.shape, device=p.device)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

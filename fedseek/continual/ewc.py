@@ -99,7 +99,8 @@ def penalty_gradient(params: Tensors, state: EWCState, lam: float) -> Tensors:
     for fisher, anchor in zip(state.fishers, state.anchors):
         for name, value in params.items():
             if name in fisher:
-                term = lam * fisher[name] * (value.detach().float() - anchor[name])
+                device = value.device
+                term = lam * fisher[name].to(device) * (value.detach().float() - anchor[name].to(device))
                 grads[name] = grads[name] + term if name in grads else term
     return grads
 

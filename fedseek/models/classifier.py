@@ -67,14 +67,23 @@ def _head(model: nn.Module) -> nn.Module:
     raise ValueError("model has no `score` classification head")
 
 
+def default_device() -> str:
+    """`FEDSEEK_DEVICE` if set, else the GPU Ray (or the host) made visible, else the CPU."""
+    import os
+
+    return os.environ.get("FEDSEEK_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 class AdapterClassifier:
     """Base model + LoRA adapter + head for one task, with batched inference and a prefix cache."""
 
-    def __init__(self, base: str | None, num_labels: int, lora: LoraSettings, max_length: int = 64):
+    def __init__(self, base: str | None, num_labels: int, lora: LoraSettings, max_length: int = 64,
+                 device: str | None = None):
         self.tokenizer = load_tokenizer(base)
         model = load_classifier(base, num_labels, self.tokenizer.pad_token_id)
         self.first_adapted = first_adapted_layer(model, lora)
-        self.model = apply_lora(model, lora)
+        self.device = torch.device(device or default_device())
+        self.model = apply_lora(model, lora).to(self.device)
         self.decoder = _decoder(self.model)
         self.max_length = max_length
         self.num_labels = num_labels
@@ -92,7 +101,7 @@ class AdapterClassifier:
             was_training = self.model.training
             self.model.eval()
             for batch in self._length_sorted_chunks(inputs, np.arange(len(inputs)), chunk):
-                padded, mask = self._pad([inputs[i] for i in batch])
+                padded, mask = self._pad([inputs[i].to(self.device) for i in batch])
                 out = self.model.base_model.model.model(input_ids=padded, attention_mask=mask,
                                                         output_hidden_states=True)
                 hidden = out.hidden_states[self.first_adapted]
@@ -109,11 +118,12 @@ class AdapterClassifier:
     def _pad(self, items: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-pad ids (with the pad id) or hidden states (with zeros); mask marks real tokens."""
         length = max(len(x) for x in items)
-        mask = torch.zeros(len(items), length, dtype=torch.long)
+        device = self.device
+        mask = torch.zeros(len(items), length, dtype=torch.long, device=device)
         if items[0].dim() == 1:
-            out = torch.full((len(items), length), self.tokenizer.pad_token_id, dtype=torch.long)
+            out = torch.full((len(items), length), self.tokenizer.pad_token_id, dtype=torch.long, device=device)
         else:
-            out = torch.zeros(len(items), length, items[0].shape[-1], dtype=items[0].dtype)
+            out = torch.zeros(len(items), length, items[0].shape[-1], dtype=items[0].dtype, device=device)
         for row, x in enumerate(items):
             out[row, length - len(x):] = x
             mask[row, length - len(x):] = 1
@@ -134,7 +144,7 @@ class AdapterClassifier:
             with _only_layers_from(self.decoder, self.first_adapted):
                 logits = pooled_logits(self.model, inputs_embeds=padded, attention_mask=mask)
         if data.label_mask is not None:  # inactive labels can be neither predicted nor trained
-            logits = logits.masked_fill(~data.label_mask, -1e4)
+            logits = logits.masked_fill(~data.label_mask.to(logits.device), -1e4)
         return logits
 
     @torch.no_grad()
@@ -145,7 +155,7 @@ class AdapterClassifier:
         correct, loss_sum = 0, 0.0
         for batch in self._length_sorted_chunks(data.inputs, np.arange(len(data)), chunk):
             logits = self.logits(data, batch)
-            labels = data.labels[batch]
+            labels = data.labels[batch].to(logits.device)
             loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
             correct += int((logits.argmax(-1) == labels).sum())
         self.model.train(was_training)

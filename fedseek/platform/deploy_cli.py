@@ -35,6 +35,13 @@ def _exec(command: list[str], extra_env: dict[str, str] | None = None) -> None:
     os.execvpe(command[0], command, env)
 
 
+def _required(**values: str) -> None:
+    """Compose passes unset variables as empty strings: name them instead of failing later."""
+    empty = [name.replace("_", "-") for name, value in values.items() if not str(value or "").strip()]
+    if empty:
+        _fail("empty " + ", ".join(f"--{name}" for name in empty) + " (is it set in the env file?)")
+
+
 def _existing(path: Path, what: str) -> Path:
     if not Path(path).is_file():
         _fail(f"{what} {path}: no such file")
@@ -98,6 +105,7 @@ def register(superlink: str = typer.Option("superlink:8000", help="SuperLink hos
              public_key: Path = typer.Option(..., help="The institution's NAME.pub."),
              epsilon_max: float = typer.Option(None, min=0.0, help="Lifetime privacy budget (default: the platform's).")) -> None:
     """Admit an institution: register its key at the SuperLink and bind the node id to its name."""
+    _required(superlink=superlink, institution=institution)
     from fedseek.platform.db import session_scope
     from fedseek.platform.deploy import write_flwr_config
     from fedseek.platform.nodes import NodeIdentityError, bind_node, public_key_sha256
@@ -151,13 +159,15 @@ def supernode(superlink: str = typer.Option("superlink:8000", help="SuperLink ho
               data: Path = typer.Option(..., help="This institution's records (CSV/JSONL); never leaves the site."),
               host: str = typer.Option("127.0.0.1", help="Interface of the SuperNode's Runtime API (for its ClientApp)."),
               port: int = typer.Option(9094, help="Port of the SuperNode's Runtime API."),
-              ray_address: str = typer.Option(None, help="Site Ray cluster for local training (e.g. ray-head:6379, or 'local')."),
+              ray_address: str = typer.Option(None, help="Site Ray cluster for local training (e.g. ray://ray-head:10001 "
+                                              "from a container that is not a Ray node, or 'local')."),
               num_gpus: float = typer.Option(0.0, min=0.0, help="GPUs reserved per training worker."),
               num_cpus: float = typer.Option(1.0, min=0.0, help="CPUs reserved per training worker."),
               local_certs: Path = typer.Option(None, help="The site's own certs (fedseek deploy certs) for the "
                                                "SuperNode <-> ClientApp link; omit only on loopback."),
               max_wait_time: float = typer.Option(None, help="Give up connecting after this many seconds.")) -> None:
     """Run this institution's SuperNode (TLS to the SuperLink, authenticated by its key)."""
+    _required(superlink=superlink, institution=institution)
     from fedseek.platform.deploy import CertPaths, supernode_command
 
     _existing(data, "data file")

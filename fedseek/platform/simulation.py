@@ -48,6 +48,9 @@ def simulate(job: JobConfig, reporter=None, cpus_per_client: float | None = None
         kept["report"] = (run or run_federation)(grid, job_, reporter_)
 
     cpus = cpus_per_client or float(os.cpu_count() or 1)
+    # always a private Ray instance: never join a cluster found on this machine (e.g. a site's Ray
+    # head that `ray start` advertised in /tmp/ray/ray_current_cluster)
+    os.environ["RAY_ADDRESS"] = "local"
     run_simulation(
         server_app=make_server_app(job, reporter, run_and_keep), client_app=client_app,
         num_supernodes=job.federation.institutions,
