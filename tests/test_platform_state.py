@@ -64,6 +64,28 @@ def test_migrations_run_on_both_databases(db_url):
     assert TABLES <= set(inspect(engine_for(db_url)).get_table_names())
 
 
+def test_an_older_schema_keeps_its_rows_and_is_migrated_forward_on_first_use(db_url):
+    from alembic import command
+    from alembic.config import Config
+
+    from fedseek.platform import db
+
+    upgrade(db_url, "0001")  # a DB written by the previous release
+    with db.engine_for(db_url).begin() as connection:
+        connection.exec_driver_sql("INSERT INTO institutions (name, kind, epsilon_max, created_at) "
+                                   "VALUES ('bank_a', 'bank', 8.0, CURRENT_TIMESTAMP)")
+    db._CURRENT.discard(db_url)
+    with session_scope(db_url) as session:  # first use: migrated to head, the row kept
+        row = session.scalars(select(Institution)).one()
+        assert (row.name, row.epsilon_max, row.node_id) == ("bank_a", 8.0, None)
+    config = Config()
+    config.set_main_option("script_location", str(db.MIGRATIONS))
+    config.attributes["url"] = db_url
+    command.downgrade(config, "0001")  # and back: the downgrade path works too
+    assert "node_id" not in {c["name"] for c in inspect(engine_for(db_url)).get_columns("institutions")}
+    db._CURRENT.discard(db_url)
+
+
 def test_a_round_and_its_ledger_entries_commit_together_or_not_at_all(db_url, tmp_path, small_data):
     reporter = PlatformReporter(settings=settings_for(db_url, tmp_path))
     job = small_job()

@@ -109,3 +109,12 @@ def _wait(condition, process: subprocess.Popen, what: str, limit_s: float = 900)
         if time.monotonic() > deadline:
             pytest.fail(f"no {what} within {limit_s}s")
         time.sleep(1)
+
+
+def test_a_deploy_schedule_launches_fedseek_deploy_run(db_url, tmp_path):
+    with pytest.raises(ValueError, match="runner"):
+        add_schedule(db_url, "banking77", "0 2 * * 1", None, 60, [], runner="kubernetes")
+    sid = add_schedule(db_url, "banking77", "0 2 * * 1", None, 60,
+                       ["--superlink", "127.0.0.1:9", "--ca", str(tmp_path / "no-ca.crt")], runner="deploy")
+    outcome = run_schedule(sid, db_url, str(tmp_path))
+    assert outcome.startswith("failed:") and "no-ca.crt: no such file" in outcome  # deploy run's own check

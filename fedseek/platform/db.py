@@ -137,7 +137,8 @@ class Schedule(Base):
     cron: Mapped[str | None] = mapped_column(String(100))
     watch_dir: Mapped[str | None] = mapped_column(Text)
     poll_seconds: Mapped[int] = mapped_column(Integer, default=60)
-    job_args: Mapped[str] = mapped_column(Text, default="[]")  # JSON list of `fedseek simulate` options
+    job_args: Mapped[str] = mapped_column(Text, default="[]")  # JSON list of the runner's options
+    runner: Mapped[str] = mapped_column(String(20), default="simulate")  # simulate | deploy (federation)
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     data_fingerprint: Mapped[str | None] = mapped_column(Text)  # last seen state of watch_dir
     last_run_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

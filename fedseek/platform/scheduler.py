@@ -1,6 +1,7 @@
 """Scheduled retraining: APScheduler 3 with its SQLAlchemyJobStore on the platform DB.
 
-A schedule (table `schedules`) runs `fedseek simulate --task T <its options>` in a subprocess
+A schedule (table `schedules`) runs `fedseek simulate --task T <its options>` (or, with runner
+`deploy`, `fedseek deploy run --task T <its options>` over the deployed federation) in a subprocess
 either on a cron expression or when an institution's data directory changes (a new file, or rows
 added to one: polled every `poll_seconds`). Every run goes through the same pre-flight privacy
 check as a manual job (a refused run is recorded, nothing is trained). Missed runs are coalesced
@@ -55,7 +56,7 @@ def run_schedule(schedule_id: int, db_url: str, home: str, poll: bool = False) -
         schedule = session.get(Schedule, schedule_id)
         if schedule is None or not schedule.enabled:
             return "schedule removed or disabled"
-        task, args = schedule.task_name, json.loads(schedule.job_args)
+        task, args, runner = schedule.task_name, json.loads(schedule.job_args), schedule.runner
         if poll:
             current = data_fingerprint(Path(schedule.watch_dir))
             seen, schedule.data_fingerprint = schedule.data_fingerprint, current
@@ -66,7 +67,8 @@ def run_schedule(schedule_id: int, db_url: str, home: str, poll: bool = False) -
         return _record(db_url, schedule_id, f"skipped: a job of task {task} is already running")
     try:
         env = {**os.environ, "FEDSEEK_DB_URL": db_url, "FEDSEEK_HOME": home, "PYTHONWARNINGS": "ignore"}
-        proc = subprocess.run([sys.executable, "-m", "fedseek", "simulate", "--task", task, *args],
+        command = ["deploy", "run"] if runner == "deploy" else ["simulate"]
+        proc = subprocess.run([sys.executable, "-m", "fedseek", *command, "--task", task, *args],
                               capture_output=True, text=True, env=env)
     finally:
         lock.close()
@@ -88,7 +90,11 @@ def _record(db_url: str, schedule_id: int, outcome: str) -> str:
 
 
 def add_schedule(db_url: str, task: str, cron: str | None, watch_dir: str | None, poll_seconds: int,
-                 job_args: list[str]) -> int:
+                 job_args: list[str], runner: str = "simulate") -> int:
+    """`runner`: `simulate` (a simulated federation) or `deploy` (`fedseek deploy run` over the
+    deployed federation; `job_args` then include --superlink and --ca)."""
+    if runner not in ("simulate", "deploy"):
+        raise ValueError(f"runner {runner!r}: expected simulate or deploy")
     if bool(cron) == bool(watch_dir):
         raise ValueError("give exactly one trigger: --cron EXPR or --watch-dir DIR")
     if cron:
@@ -103,7 +109,7 @@ def add_schedule(db_url: str, task: str, cron: str | None, watch_dir: str | None
     with session_scope(db_url) as session:
         row = Schedule(task_name=task, trigger="cron" if cron else "new-data", cron=cron,
                        watch_dir=str(Path(watch_dir).resolve()) if watch_dir else None,
-                       poll_seconds=poll_seconds, job_args=json.dumps(job_args))
+                       poll_seconds=poll_seconds, job_args=json.dumps(job_args), runner=runner)
         session.add(row)
         session.flush()
         return row.id

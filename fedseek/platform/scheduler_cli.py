@@ -16,13 +16,17 @@ def register(schedule_app: typer.Typer, scheduler_app: typer.Typer) -> None:
             cron: str = typer.Option(None, help="Crontab expression in UTC, e.g. '0 2 * * 1'."),
             watch_dir: str = typer.Option(None, help="Retrain when this data directory gets new files/rows."),
             poll_seconds: int = typer.Option(60, min=1, help="How often --watch-dir is checked."),
-            options: str = typer.Option("", help="More `fedseek simulate` options, e.g. '--rounds 3 --epsilon 4'.")
+            options: str = typer.Option("", help="More `fedseek simulate` options, e.g. '--rounds 3 --epsilon 4' "
+                                        "(with --deploy: `fedseek deploy run` options incl. --superlink, --ca)."),
+            deploy: bool = typer.Option(False, "--deploy", help="Run the job over the deployed federation "
+                                        "(`fedseek deploy run`) instead of a simulation.")
             ) -> None:
         """Add a retraining schedule (picked up when `fedseek scheduler run` starts)."""
         from fedseek.platform.scheduler import add_schedule
 
         try:
-            sid = add_schedule(_settings().database_url, task, cron, watch_dir, poll_seconds, shlex.split(options))
+            sid = add_schedule(_settings().database_url, task, cron, watch_dir, poll_seconds, shlex.split(options),
+                               runner="deploy" if deploy else "simulate")
         except ValueError as err:
             fail(str(err))
         console.print(f"schedule {sid}: task {task}, " + (f"cron '{cron}'" if cron else f"new data in {watch_dir}"))
@@ -34,11 +38,12 @@ def register(schedule_app: typer.Typer, scheduler_app: typer.Typer) -> None:
 
         from fedseek.platform.db import Schedule
 
-        table = Table("id", "task", "trigger", "options", "enabled", "last run", "last outcome", title="schedules")
+        table = Table("id", "task", "trigger", "runs", "enabled", "last run", "last outcome", title="schedules")
         with _session() as session:
             for s in session.scalars(select(Schedule).order_by(Schedule.id)):
                 trigger = s.cron if s.trigger == "cron" else f"new data in {s.watch_dir} (every {s.poll_seconds}s)"
-                table.add_row(str(s.id), s.task_name, trigger, " ".join(json.loads(s.job_args)), str(s.enabled),
+                command = ("deploy run " if s.runner == "deploy" else "simulate ") + " ".join(json.loads(s.job_args))
+                table.add_row(str(s.id), s.task_name, trigger, command, str(s.enabled),
                               str(s.last_run_at or "-")[:19], (s.last_outcome or "-")[:120])
         console.print(table)
 

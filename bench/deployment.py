@@ -1,0 +1,128 @@
+"""Federation overhead of the real deployment: wall time of a round on the loopback deployment
+(SuperLink + 3 SuperNodes with TLS and node auth, ClientApp per message, training on Ray site
+workers) ÷ the same local work in one process (the three institutions' DP rounds one after the
+other + aggregation + the server's evaluation), and the bytes each institution uploads per round.
+
+    .venv/bin/python bench/deployment.py [--rounds 3] [--local-steps 4] [--rows 400]
+
+Writes bench/results/deployment.json. Untracked job (no platform DB/MLflow time in either arm).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+SITES = ("bank_a", "bank_b", "bank_c")
+
+
+def site_files(root: Path, rows: int) -> dict[str, Path]:
+    from fedseek.data.tasks import load_federated_data
+
+    data = load_federated_data("banking77", institutions=3, seed=0)
+    files = {}
+    for name, part in zip(SITES, data.train):
+        files[name] = root / f"{name}.csv"
+        with files[name].open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["text", "label"])
+            for text, label in list(zip(part.texts, part.labels))[:rows]:
+                writer.writerow([text, data.label_names[label]])
+    return files
+
+
+def deployed(root: Path, files: dict[str, Path], rounds: int, steps: int) -> dict:
+    from fedseek.platform.deploy_local import LocalFederation
+
+    env = {**os.environ, "FEDSEEK_HOME": str(root / "home"), "FEDSEEK_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    fed = LocalFederation(root, env)
+    try:
+        started = time.monotonic()
+        fed.start(files)
+        up = time.monotonic() - started
+        job = fed.run("run", "--superlink", fed.superlink, "--ca", "certs/ca.crt", "--rounds", str(rounds),
+                      "--local-steps", str(steps), "--out", str(root / "job"), "--no-track", timeout=3600)
+        if job.returncode:
+            raise RuntimeError(job.stdout[-3000:] + job.stderr[-2000:] + fed.log("serverapp")[-2000:])
+        report = json.loads((root / "job" / "report.json").read_text())
+    finally:
+        fed.stop()
+    elapsed = [0.0] + [r["elapsed_s"] for r in report["rounds"]]
+    return {"startup_s": round(up, 1), "round_s": [round(b - a, 1) for a, b in zip(elapsed, elapsed[1:])],
+            "bytes_up_per_client_per_round": report["bytes_up_per_round"] / len(SITES),
+            "final_accuracy": report["final_accuracy"], "epsilon": report["epsilon"]}
+
+
+def in_process(files: dict[str, Path], rounds: int, steps: int) -> dict:
+    """The same rounds with the same code, no Flower/Ray/TLS: train each site, average, evaluate."""
+    import numpy as np
+    import torch
+
+    from fedseek.aggregator.aggregation import StreamingAverage
+    from fedseek.clients.dp_trainer import LocalTrainer
+    from fedseek.config import JobConfig
+    from fedseek.data.loader import read_labelled_file
+    from fedseek.data.tasks import load_federated_data
+    from fedseek.models.classifier import AdapterClassifier
+    from fedseek.models.lora import load_trainable_state, trainable_state
+
+    torch.set_num_threads(1)
+    job = JobConfig()
+    job.federation.rounds, job.optim.local_steps = rounds, steps
+    data = load_federated_data("banking77", institutions=3, seed=0)
+    server = AdapterClassifier(None, len(data.label_names), job.lora, job.data.max_length)
+    test = server.encode(data.test.texts, data.test.labels)
+    trainer = LocalTrainer(AdapterClassifier(None, len(data.label_names), job.lora, job.data.max_length))
+    sites = {}
+    for name, path in files.items():
+        rows = read_labelled_file(path, "text", "label", label_names=data.label_names)
+        sites[name] = trainer.classifier.encode(rows.texts, rows.labels)
+    histories = {name: [] for name in sites}
+    global_state = trainable_state(server.model)
+    times, accuracy = [], None
+    for server_round in range(1, rounds + 1):
+        started = time.monotonic()
+        average = StreamingAverage()
+        for k, (name, encoded) in enumerate(sites.items()):
+            load_trainable_state(trainer.classifier.model, global_state)
+            result = trainer.train_round(encoded, job.privacy, job.optim, server_round, rounds, histories[name], k)
+            histories[name] = result.history
+            average.add({n: t.numpy() for n, t in trainable_state(trainer.classifier.model).items()}, len(encoded))
+        global_state = {n: torch.from_numpy(np.asarray(v)) for n, v in average.result().items()}
+        load_trainable_state(server.model, global_state)
+        accuracy = server.evaluate(test)["accuracy"]
+        times.append(round(time.monotonic() - started, 1))
+    return {"round_s": times, "final_accuracy": accuracy}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--local-steps", type=int, default=4)
+    parser.add_argument("--rows", type=int, default=400)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="fedseek-bench-deploy-") as tmp:
+        root = Path(tmp)
+        files = site_files(root, args.rows)
+        deploy = deployed(root, files, args.rounds, args.local_steps)
+        local = in_process(files, args.rounds, args.local_steps)
+    # round 1 of the deployment also loads the model on each site worker: compare later rounds
+    steady = lambda times: sum(times[1:]) / max(1, len(times) - 1)  # noqa: E731
+    result = {"command": "python bench/deployment.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
+              "date": time.strftime("%Y-%m-%d"), "load_avg": os.getloadavg(), "deployed": deploy, "in_process": local,
+              "overhead_steady_rounds": round(steady(deploy["round_s"]) / steady(local["round_s"]), 3),
+              "overhead_all_rounds": round(sum(deploy["round_s"]) / sum(local["round_s"]), 3)}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "deployment.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
