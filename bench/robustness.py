@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 import bench_io
-from fedseek.aggregator.robust import RobustAggregate, RobustSettings, clip_delta, delta_norm
+from fedseek.aggregator.robust import RobustAggregate, RobustSettings, clip_delta, delta_norm, norm_outliers
 from fedseek.clients.dp_trainer import LocalTrainer, OptimSettings, PrivacySettings
 from fedseek.data.tasks import load_federated_data
 from fedseek.models.classifier import AdapterClassifier
@@ -42,8 +42,9 @@ def federate(trainer: LocalTrainer, sites, test, initial: dict, robust: RobustSe
     global_state = {k: v.copy() for k, v in initial.items()}
     histories = {i: [] for i in range(len(sites))}
     accuracy, clipped = [], []
+    rejected = []
     for rnd in range(1, rounds + 1):
-        aggregate = RobustAggregate(robust)
+        aggregate, updates = RobustAggregate(robust), []
         for i, site in enumerate(sites):
             load_trainable_state(trainer.classifier.model, {k: torch.from_numpy(v.copy()) for k, v in global_state.items()})
             result = trainer.train_round(site, privacy, optim, rnd, rounds, histories[i], seed=seed * 7919 + i)
@@ -51,10 +52,19 @@ def federate(trainer: LocalTrainer, sites, test, initial: dict, robust: RobustSe
             update = {k: v.numpy().copy() for k, v in trainable_state(trainer.classifier.model).items()}
             if i == poisoned:
                 update = {k: global_state[k] + factor * (v - global_state[k]) for k, v in update.items()}
+            updates.append(update)
+        norms = [delta_norm(u, global_state) for u in updates]
+        outliers = norm_outliers(norms, robust.outlier_ratio)  # as AdapterFedAvg does
+        for i, (update, outlier) in enumerate(zip(updates, outliers)):
+            if outlier:
+                rejected.append((rnd, i))
+                continue
             if robust.clip_norm > 0:
                 update, scale = clip_delta(update, global_state, robust.clip_norm)
-                clipped.append((rnd, i, scale < 1.0, delta_norm(update, global_state)))
-            aggregate.add(update, len(site))
+                clipped.append((rnd, i, scale < 1.0, norms[i]))
+            aggregate.add(update, len(sites[i]))
+        if log:
+            log(f"  round {rnd}: delta norms {[round(n, 3) for n in norms]}")
         global_state = aggregate.result()
         load_trainable_state(trainer.classifier.model, {k: torch.from_numpy(v.copy()) for k, v in global_state.items()})
         accuracy.append(trainer.classifier.evaluate(test)["accuracy"])
@@ -62,7 +72,8 @@ def federate(trainer: LocalTrainer, sites, test, initial: dict, robust: RobustSe
             log(f"  round {rnd}: accuracy {accuracy[-1]:.4f} ({time.time() - start:.0f}s)")
     return {"accuracy": accuracy[-1], "accuracy_per_round": accuracy, "wall_s": round(time.time() - start, 1),
             "clipped_poisoned": sum(1 for _, i, c, _ in clipped if c and i == poisoned),
-            "clipped_honest": sum(1 for _, i, c, _ in clipped if c and i != poisoned)}
+            "clipped_honest": sum(1 for _, i, c, _ in clipped if c and i != poisoned),
+            "rejected": [{"round": r, "site": i} for r, i in rejected]}
 
 
 ARMS = {  # name: (robust settings, poisoned site)
@@ -86,6 +97,10 @@ def main() -> None:
     p.add_argument("--clip", type=float, default=0.0, help="add a 'poisoned fedavg + server clip' arm")
     p.add_argument("--test-rows", type=int, default=None)
     p.add_argument("--all", action="store_true", help="also the robust rules on the clean run")
+    p.add_argument("--outlier-ratio", type=float, default=0.0, help="add a 'fedavg + norm-outlier rejection' arm")
+    p.add_argument("--only", nargs="*", default=None, help="run only these arm names")
+    p.add_argument("--append", action="store_true", help="keep other arms' rows already in the results file")
+    p.add_argument("--name", default="robustness", help="results file bench/results/NAME.json")
     a = p.parse_args()
     trainer, sites, test, initial = setup(test_rows=a.test_rows)
     privacy = PrivacySettings(enabled=a.dp, target_epsilon=8.0)
@@ -93,14 +108,20 @@ def main() -> None:
     arms = {**ARMS, **(CLEAN_ROBUST if a.all else {})}
     if a.clip:
         arms[f"poisoned fedavg + server clip {a.clip:g}"] = (RobustSettings(clip_norm=a.clip), 4)
+    if a.outlier_ratio:
+        arms[f"poisoned fedavg + outlier rejection {a.outlier_ratio:g}"] = (RobustSettings(outlier_ratio=a.outlier_ratio), 4)
+    if a.only is not None:
+        arms = {k: v for k, v in arms.items() if k in a.only}
     rows = []
+    if a.append and (bench_io.RESULTS / f"{a.name}.json").exists():
+        rows = [r for r in json.loads((bench_io.RESULTS / f"{a.name}.json").read_text())["rows"] if r["arm"] not in arms]
     for name, (robust, poisoned) in arms.items():
         print(name, flush=True)
         row = federate(trainer, sites, test, initial, robust, a.rounds, optim, privacy, poisoned, a.factor, log=print)
         rows.append({"arm": name, "rule": robust.rule, "trim_fraction": robust.trim_fraction,
                      "clip_norm": robust.clip_norm, "poisoned_site": poisoned, **row})
         print(json.dumps(rows[-1]), flush=True)
-        bench_io.write_json("robustness", {"command": "python bench/robustness.py " + " ".join(
+        bench_io.write_json(a.name, {"command": "python bench/robustness.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items()), "args": vars(a),
             "institutions": 5, "train_rows": [len(s) for s in sites], "test_rows": len(test), "rows": rows})
     clean = next(r["accuracy"] for r in rows if r["arm"] == "clean fedavg")
