@@ -47,7 +47,7 @@ def template_db(tmp_path_factory):
     return path
 
 
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(sequence=jobs)
 def test_no_sequence_of_jobs_exceeds_a_budget_under_the_preflight_rule(sequence, template_db, tmp_path_factory):
     path = tmp_path_factory.mktemp("db") / "fedseek.db"
@@ -118,11 +118,11 @@ def pld(history) -> float:
     return accountant.get_epsilon(DELTA)
 
 
-mixed = st.lists(st.tuples(st.floats(0.8, 3.0), st.sampled_from([0.01, 0.05, 0.125, 0.3]), st.integers(1, 60)),
+mixed = st.lists(st.tuples(st.floats(0.8, 3.0), st.sampled_from([0.01, 0.05, 0.125, 0.3]), st.integers(1, 40)),
                  min_size=2, max_size=3).filter(lambda h: len({(s, q) for s, q, _ in h}) > 1)
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(history=mixed)
 def test_mixed_sigma_q_histories_match_dp_accounting_within_one_percent(history):
     reference = pld(history)
