@@ -108,6 +108,7 @@ def main() -> None:
     arms = {**ARMS, **(CLEAN_ROBUST if a.all else {})}
     if a.clip:
         arms[f"poisoned fedavg + server clip {a.clip:g}"] = (RobustSettings(clip_norm=a.clip), 4)
+    arms["clean fedavg, 4 banks (bank 5 left out)"] = (RobustSettings(), "drop")  # the ceiling of rejecting it
     if a.outlier_ratio:
         arms[f"poisoned fedavg + outlier rejection {a.outlier_ratio:g}"] = (RobustSettings(outlier_ratio=a.outlier_ratio), 4)
     if a.only is not None:
@@ -117,7 +118,9 @@ def main() -> None:
         rows = [r for r in json.loads((bench_io.RESULTS / f"{a.name}.json").read_text())["rows"] if r["arm"] not in arms]
     for name, (robust, poisoned) in arms.items():
         print(name, flush=True)
-        row = federate(trainer, sites, test, initial, robust, a.rounds, optim, privacy, poisoned, a.factor, log=print)
+        used = sites[:4] if poisoned == "drop" else sites
+        row = federate(trainer, used, test, initial, robust, a.rounds, optim, privacy,
+                       None if poisoned == "drop" else poisoned, a.factor, log=print)
         rows.append({"arm": name, "rule": robust.rule, "trim_fraction": robust.trim_fraction,
                      "clip_norm": robust.clip_norm, "poisoned_site": poisoned, **row})
         print(json.dumps(rows[-1]), flush=True)
