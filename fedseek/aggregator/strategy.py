@@ -1,9 +1,16 @@
 """Thin Flower strategy: FedAvg over adapter tensors with the pure streaming average, keeping a
 per-round, per-institution log (examples, loss, cumulative epsilon, bytes uploaded). With update
 compression, replies are encoded deltas against the global adapter sent this round: each is
-decoded and folded into the average one at a time."""
+decoded and folded into the average one at a time.
+
+Every reply is checked before it is used (`fedseek.aggregator.robust`): a reply that is malformed,
+oversize, non-finite, of the wrong shapes/dtypes, or a norm outlier is left out of the average
+and logged in `round_log[round]` with a `"rejected"` reason (its metrics are kept, so the privacy
+it spent is still charged); a delta above the server clip norm is scaled down and logged with
+`"clipped"` (the norm it had). One bad institution never fails a round that others completed."""
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 import logging
 
@@ -12,62 +19,134 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedseek.aggregator.aggregation import StreamingAverage
 from fedseek.aggregator.compression import CompressionSettings, apply_delta, decode
+from fedseek.aggregator.robust import (RobustAggregate, RobustSettings, clip_delta, delta_norm,
+                                       norm_outliers, validate_update)
 
 logger = logging.getLogger("fedseek")
 
 
 class AdapterFedAvg(FedAvg):
-    """Example-weighted FedAvg of LoRA (+ head) tensors; clients never send base weights."""
+    """Example-weighted FedAvg of LoRA (+ head) tensors; clients never send base weights.
+    `robust` picks the rule (fedavg | trimmed-mean | median) and the server-side bounds."""
 
     def __init__(self, institutions: int, compression: CompressionSettings | None = None,
-                 extra_records: dict[str, ArrayRecord] | None = None):
+                 extra_records: dict[str, ArrayRecord] | None = None,
+                 robust: RobustSettings | None = None):
         super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=institutions,
                          min_available_nodes=institutions)
         self.round_log: dict[int, list[dict]] = {}
         self.compression = compression or CompressionSettings()
+        self.robust = robust or RobustSettings()
         self.sent: dict[str, np.ndarray] = {}  # the global adapter of the current round
         self.extra_records = extra_records or {}  # e.g. `ewc`: Fisher + anchors of past periods
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        if self.compression.enabled:
-            self.sent = {k: v.numpy() for k, v in arrays.items()}
+        self.sent = {k: v.numpy() for k, v in arrays.items()}
         messages = list(super().configure_train(server_round, arrays, config, grid))
         for message in messages:
             for key, record in self.extra_records.items():
                 message.content[key] = record
         return messages
 
+    def _update(self, msg: Message) -> tuple[dict[str, np.ndarray] | None, str | None]:
+        """(the reply's update — a delta with compression, else full tensors —, or a rejection)."""
+        content = msg.content
+        if "arrays" not in content.array_records or "metrics" not in content.metric_records:
+            return None, "malformed reply: needs an `arrays` ArrayRecord and a `metrics` MetricRecord"
+        examples = content["metrics"].get("num-examples")
+        if examples is None or not math.isfinite(float(examples)) or float(examples) <= 0:
+            return None, f"num-examples must be a positive finite count, got {examples}"
+        try:
+            raw = {k: v.numpy() for k, v in content["arrays"].items()}
+        except Exception as err:  # noqa: BLE001 - anything the wire format cannot turn into arrays
+            return None, f"unreadable tensors: {err}"
+        wire = int(sum(a.nbytes for a in raw.values()))
+        limit = self.robust.byte_limit(self.sent) if self.sent else self.robust.max_update_bytes
+        if limit and wire > limit:
+            return None, f"oversize: {wire} bytes > limit {limit}"
+        if self.compression.enabled:
+            try:
+                raw = decode(raw, self.sent)
+            except Exception as err:  # noqa: BLE001
+                return None, f"undecodable compressed update: {err}"
+        if self.sent:
+            reason = validate_update(raw, self.sent, limit, wire_bytes=wire)
+            if reason:
+                return None, reason
+        return raw, None
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid, failed = self._check_and_log_replies(replies, is_train=True)
+        valid, failed = self._check_and_log_replies(replies, is_train=True, validate=False)
         for msg in failed:
             logger.warning("round %s: node %s failed: %s", server_round, msg.metadata.src_node_id,
                            msg.error.reason)
         if not valid:
             reasons = "; ".join(m.error.reason for m in failed) or "no replies"
             raise RuntimeError(f"round {server_round}: no institution returned an update ({reasons})")
-        average, weights, entries = StreamingAverage(), [], []
+        # deltas are compared against zero, full tensors against the adapter sent this round
+        reference = ({k: np.zeros_like(v) for k, v in self.sent.items()} if self.compression.enabled
+                     else self.sent)
+        entries, accepted = [], []
         for msg in valid:
-            metrics = msg.content["metrics"]
-            update = {k: v.numpy() for k, v in msg.content["arrays"].items()}
-            average.add(decode(update, self.sent) if self.compression.enabled else update,
-                        float(metrics["num-examples"]))
-            weights.append(float(metrics["num-examples"]))
-            entry = {"institution": str(msg.content["site"]["institution"]),
-                     "node_id": int(msg.metadata.src_node_id)}
-            entry.update({k.replace("-", "_"): float(v) for k, v in metrics.items()})
+            entry = _entry(msg)
+            update, reason = self._update(msg)
+            if reason:
+                entry["rejected"] = reason
+            else:
+                entry["update_norm"] = delta_norm(update, reference) if reference else math.nan
+                accepted.append((entry, update))
             entries.append(entry)
-        merged = average.result()
+        outliers = norm_outliers([e["update_norm"] for e, _ in accepted], self.robust.outlier_ratio)
+        aggregate, weights, used = RobustAggregate(self.robust), [], []
+        median = float(np.median([e["update_norm"] for e, _ in accepted])) if accepted else math.nan
+        for (entry, update), outlier in zip(accepted, outliers):
+            if outlier:
+                entry["rejected"] = (f"norm outlier: delta norm {entry['update_norm']:.4g} > "
+                                     f"{self.robust.outlier_ratio:g} x round median {median:.4g}")
+                continue
+            if self.robust.clip_norm > 0 and reference:
+                update, scale = clip_delta(update, reference, self.robust.clip_norm)
+                if scale < 1.0:
+                    entry["clipped"] = entry["update_norm"]
+            aggregate.add(update, entry["num_examples"])
+            weights.append(entry["num_examples"])
+            used.append(entry)
+        for entry in entries:
+            if "rejected" in entry:
+                logger.warning("round %s: update of %s (node %s) rejected: %s", server_round,
+                               entry["institution"], entry["node_id"], entry["rejected"])
+            elif "clipped" in entry:
+                logger.info("round %s: update of %s clipped from norm %.4g to %g", server_round,
+                            entry["institution"], entry["clipped"], self.robust.clip_norm)
+        self.round_log[server_round] = sorted(entries, key=lambda e: e["institution"])
+        if not used:
+            raise RuntimeError(f"round {server_round}: no valid update; "
+                               + "; ".join(f"{e['institution']}: {e['rejected']}" for e in entries))
+        merged = aggregate.result()
         if self.compression.enabled:  # the average of the deltas, applied to what was sent
             merged = apply_delta(self.sent, merged)
-        self.round_log[server_round] = sorted(entries, key=lambda e: e["institution"])
         total = sum(weights)
         summary = MetricRecord({
-            "train-loss": sum(e["train_loss_last"] * w for e, w in zip(entries, weights)) / total,
+            "train-loss": sum(e["train_loss_last"] * w for e, w in zip(used, weights)) / total,
             "bytes-up": float(sum(e["bytes_up"] for e in entries)),
             "num-examples": total,
         })
         return ArrayRecord({k: Array(v) for k, v in merged.items()}), summary
+
+
+def _entry(msg: Message) -> dict:
+    """The round log entry of one reply: institution, node and its metrics (as floats)."""
+    content = msg.content
+    site = content.config_records.get("site")
+    name = str(site["institution"]) if site is not None and "institution" in site else \
+        f"node-{msg.metadata.src_node_id}"
+    entry: dict = {"institution": name, "node_id": int(msg.metadata.src_node_id),
+                   "train_loss_last": math.nan, "bytes_up": 0.0}
+    metrics = content.metric_records.get("metrics")
+    if metrics is not None:
+        entry.update({k.replace("-", "_"): float(v) for k, v in metrics.items()
+                      if isinstance(v, (int, float))})
+    return entry

@@ -1,19 +1,31 @@
 """Reading and validating labelled text files (CSV or JSONL) supplied by an institution.
 
 Every problem is raised as `DataError` naming the file and, where it applies, the line, so a
-hospital's ML engineer can fix the record without reading a stack trace.
+hospital's ML engineer can fix the record without reading a stack trace. Nothing is ever written
+back: a refused file is left exactly as it was. Errors: not UTF-8, empty, header only, malformed
+CSV/JSON, a line with more or fewer fields than the header, a missing column, an empty or
+non-text value, a text over `MAX_TEXT_CHARS`, a label outside the training labels, a repeated
+value in an `id` column. Logged policies (the data is used as is, a warning says what was found):
+records whose text repeats an earlier record's (the lines are named; record-level DP counts each
+row as one record), and label drift between data periods (`label_drift`).
 """
 from __future__ import annotations
 
 import csv
 import io
 import json
+import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 SUPPORTED_SUFFIXES = (".csv", ".jsonl", ".json")
+MAX_TEXT_CHARS = 100_000  # per record; far beyond any model's context, catches runaway quotes
+ID_COLUMN = "id"  # when a file has this column, its values must be unique
+logger = logging.getLogger("fedseek")
+_warned: set[tuple[str, str]] = set()
 
 
 class DataError(ValueError):
@@ -46,11 +58,16 @@ class LabelledTexts:
 def _decode(path: Path) -> str:
     raw = path.read_bytes()
     try:
-        return raw.decode("utf-8-sig")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         line = raw[: err.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not valid UTF-8 (byte {raw[err.start]:#04x} at offset "
                         f"{err.start}); re-save the file as UTF-8") from None
+    if b"\x00" in raw:
+        line = raw[: raw.index(b"\x00")].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: contains a NUL byte (a binary or UTF-16 file?); "
+                        "re-save it as UTF-8 text")
+    return text
 
 
 def _read_rows(path: Path) -> list[tuple[int, dict]]:
@@ -64,17 +81,29 @@ def _read_rows(path: Path) -> list[tuple[int, dict]]:
         reader = csv.DictReader(io.StringIO(text, newline=""))
         if not reader.fieldnames:
             raise DataError(f"{path}:1: missing header row")
+        width, last = len(reader.fieldnames), 1
         try:
             for record in reader:
                 if None in record:
-                    raise DataError(f"{path}:{reader.line_num}: more fields than the header has")
+                    raise DataError(f"{path}:{reader.line_num}: more fields than the header has "
+                                    f"({width + len(record[None])} > {width}; an unquoted comma?)")
+                if None in record.values():
+                    raise DataError(f"{path}:{reader.line_num}: fewer fields than the header has "
+                                    f"({sum(v is not None for v in record.values())} < {width})")
                 rows.append((reader.line_num, record))
+                last = reader.line_num
         except csv.Error as err:
+            if "field larger than field limit" in str(err):
+                raise DataError(f"{path}:{last + 1}: a field runs past {csv.field_size_limit()} "
+                                "characters (an unclosed quote, or a huge line)") from None
             raise DataError(f"{path}:{reader.line_num}: malformed CSV ({err})") from None
     elif suffix in (".jsonl", ".json"):
         for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
+            if len(line) > 4 * MAX_TEXT_CHARS:
+                raise DataError(f"{path}:{number}: line is {len(line)} characters; records are "
+                                f"limited to {MAX_TEXT_CHARS} characters of text")
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
@@ -105,12 +134,25 @@ def read_labelled_file(path: str | Path, text_column: str, label_column: str,
             raise DataError(f"{path}: column {column!r} ({role}) not found; "
                             f"columns are {sorted(columns)}")
     texts, raw_labels, periods, lines = [], [], [], []
+    ids: dict[str, int] = {}
     for line, record in rows:
         text, label = record.get(text_column), record.get(label_column)
         if text is None or not str(text).strip():
             raise DataError(f"{path}:{line}: empty {text_column!r}")
+        if not isinstance(text, (str, int, float)) or isinstance(text, bool):
+            raise DataError(f"{path}:{line}: {text_column!r} must be text, got {type(text).__name__}")
+        if len(str(text)) > MAX_TEXT_CHARS:
+            raise DataError(f"{path}:{line}: {text_column!r} is {len(str(text))} characters, more than "
+                            f"the {MAX_TEXT_CHARS} allowed")
         if label is None or str(label).strip() == "":
             raise DataError(f"{path}:{line}: empty {label_column!r}")
+        if isinstance(label, (dict, list, bool)):
+            raise DataError(f"{path}:{line}: {label_column!r} must be a class name or number, got {label!r}")
+        if ID_COLUMN in record and ID_COLUMN not in (text_column, label_column):
+            key = str(record[ID_COLUMN]).strip()
+            if key in ids:
+                raise DataError(f"{path}:{line}: {ID_COLUMN!r} {key!r} repeats line {ids[key]}")
+            ids[key] = line
         texts.append(str(text).strip())
         raw_labels.append(str(label).strip())
         lines.append(line)
@@ -124,7 +166,54 @@ def read_labelled_file(path: str | Path, text_column: str, label_column: str,
             raise DataError(f"{path}:{line}: label {label!r} in {label_column!r} is not one of "
                             f"the {len(label_names)} training labels")
     labels = np.array([index[label] for label in raw_labels], dtype=np.int64)
+    _warn_duplicates(path, texts, lines)
     return LabelledTexts(texts, labels, list(label_names), periods or None, str(path), lines)
+
+
+def _warn_once(source: str, kind: str, message: str, *args) -> None:
+    if (source, kind) not in _warned:
+        _warned.add((source, kind))
+        logger.warning(message, *args)
+
+
+def _warn_duplicates(path: Path, texts: list[str], lines: list[int]) -> None:
+    """Policy: repeated texts are kept (they may be genuine) and logged once per file."""
+    first: dict[str, int] = {}
+    repeats = []
+    for text, line in zip(texts, lines):
+        key = " ".join(text.lower().split())
+        if key in first:
+            repeats.append((line, first[key]))
+        else:
+            first[key] = line
+    if repeats:
+        shown = ", ".join(f"line {a} repeats line {b}" for a, b in repeats[:5])
+        _warn_once(str(path), "duplicates", "%s: %d records repeat an earlier record's text (%s%s); "
+                   "they are kept", path, len(repeats), shown, ", ..." if len(repeats) > 5 else "")
+
+
+def label_drift(labels: np.ndarray, period_keys: list[str], label_names: list[str],
+                source: str = "", threshold: float = 0.3) -> list[str]:
+    """Policy for label drift between data periods (in time order): the data is used as is, and a
+    warning is logged for each period that has labels no earlier period had, lacks labels that
+    the first period had, or whose label distribution is more than `threshold` (total variation)
+    from the previous period's. Returns the warnings."""
+    order = list(dict.fromkeys(k for k in period_keys if k))
+    keys = np.asarray(period_keys, dtype=object)
+    counts = [Counter(np.asarray(labels)[keys == k].tolist()) for k in order]
+    warnings, seen = [], set(counts[0]) if counts else set()
+    for i in range(1, len(order)):
+        new, lost = sorted(set(counts[i]) - seen), sorted(set(counts[0]) - set(counts[i]))
+        a, b = counts[i - 1], counts[i]
+        tv = 0.5 * sum(abs(a[x] / max(sum(a.values()), 1) - b[x] / max(sum(b.values()), 1)) for x in set(a) | set(b))
+        parts = ([f"new labels {[label_names[x] for x in new][:5]}"] if new else []) + \
+                ([f"no records of {[label_names[x] for x in lost][:5]}"] if lost else []) + \
+                ([f"label distribution moved {tv:.2f} (total variation) from {order[i - 1]}"] if tv > threshold else [])
+        if parts:
+            warnings.append(f"{source}: period {order[i]}: " + "; ".join(parts))
+            _warn_once(source, f"drift {order[i]}", "%s (label drift: the data is used as is)", warnings[-1])
+        seen |= set(counts[i])
+    return warnings
 
 
 def find_data_files(directory: str | Path) -> list[Path]:
