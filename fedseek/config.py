@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from fedseek.aggregator.compression import CompressionSettings
+from fedseek.aggregator.robust import RobustSettings
 from fedseek.clients.dp_trainer import OptimSettings, PrivacySettings
 from fedseek.continual.ewc import EWCSettings
 from fedseek.continual.fisher import FisherSettings
@@ -69,6 +70,7 @@ class JobConfig:
     ewc: EWCSettings = field(default_factory=lambda: EWCSettings(method="naive"))
     fisher: FisherSettings = field(default_factory=FisherSettings)
     compression: CompressionSettings = field(default_factory=CompressionSettings)
+    robust: RobustSettings = field(default_factory=RobustSettings)
 
     def to_flat(self) -> dict[str, Any]:
         """`section.field` -> value; None values are left out (ConfigRecord has no None)."""

@@ -75,7 +75,8 @@ class ContinualRunner:
         data = job_data(job)
         train_config = self.message_config(job, data)
         extra = {"ewc": _records(state.to_flat())} if job.ewc.uses_fisher and len(state) else None
-        strategy = AdapterFedAvg(job.federation.institutions, job.compression, extra_records=extra)
+        strategy = AdapterFedAvg(job.federation.institutions, job.compression, extra_records=extra,
+                                 robust=job.robust)
         test = self.tests[job.data.period] if job.data.period in self.tests else None
         load_trainable_state(self.classifier.model, _tensors(arrays))
         initial = self.classifier.evaluate(test) if test else {"accuracy": float("nan"), "loss": float("nan")}

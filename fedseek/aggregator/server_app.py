@@ -66,7 +66,7 @@ def run_federation(grid: Grid, job: JobConfig, reporter: Reporter | None = None,
     initial_arrays = ArrayRecord({k: Array(v.numpy()) for k, v in trainable_state(classifier.model).items()})
     initial = classifier.evaluate(test)
     reporter.start(job, sites or data, initial)
-    strategy = AdapterFedAvg(job.federation.institutions, job.compression)
+    strategy = AdapterFedAvg(job.federation.institutions, job.compression, robust=job.robust)
     rows: list[dict] = []
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -96,7 +96,8 @@ def run_federation(grid: Grid, job: JobConfig, reporter: Reporter | None = None,
 
 def _round_row(server_round: int, evaluation: dict, clients: list[dict], started: float) -> dict:
     return {"round": server_round, "accuracy": evaluation["accuracy"], "loss": evaluation["loss"],
-            "train_loss": float(np.mean([c["train_loss_last"] for c in clients])) if clients else math.nan,
+            "train_loss": float(np.mean(losses)) if (losses := [c["train_loss_last"] for c in clients
+                                                                 if "rejected" not in c]) else math.nan,
             "bytes_up": int(sum(c["bytes_up"] for c in clients)),
             "epsilon": {c["institution"]: c.get("epsilon") for c in clients},
             "elapsed_s": round(time.time() - started, 1), "clients": clients}

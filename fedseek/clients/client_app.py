@@ -1,220 +1,14 @@
-"""Flower ClientApp: one institution's local DP-LoRA training.
-
-The base model is loaded once per process and the site's records are tokenized (and their frozen
-prefix computed) once per process; each round applies the received adapter, trains with DP-SGD and
-replies with the trainable tensors only. The accountant history lives in the node's persistent
-`context.state`, one history per data scope (a continual-learning period, or "all"), so epsilon
-composes over every round, period and Fisher pass of the run.
-
-Message types: `train` (a DP-LoRA round, with EWC when the server ships `ewc` tensors),
-`train.fisher` (the DP Fisher diagonal at the received adapter: a charged release) and
-`evaluate.validation` (accuracy on the institution's held-out validation records of given periods,
-for choosing λ without the test set; counts only) and `query.census` (institution name and
-record count, for the coordinator's privacy pre-flight in deployment). With `ray-address` in the
-node config the handlers run on the institution's Ray worker (`fedseek.clients.ray_worker`).
+"""Flower ClientApp: a thin dispatcher. It imports Flower only, so the short-lived process the
+SuperNode starts per message stays cheap; the work (`fedseek.clients.handlers`: DP-LoRA rounds,
+the DP Fisher pass, validation counts, the census) runs here or on the institution's Ray worker
+(`ray-address` in the node config, `fedseek.clients.ray_worker`), which keeps the model loaded.
 """
 from __future__ import annotations
 
-import dataclasses
-import zlib
-from functools import lru_cache
-
-import numpy as np
-import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedseek.aggregator.compression import CompressionSettings, compress, delta_between
-from fedseek.clients.dp_trainer import LocalTrainer
-from fedseek.config import PERIOD_SEPARATOR, JobConfig, job_data
-from fedseek.continual.ewc import EWCState
-from fedseek.data.loader import LabelledTexts, read_labelled_file
-from fedseek.data.periods import Period, split_validation
-from fedseek.models.classifier import AdapterClassifier, EncodedTexts
-from fedseek.models.lora import load_trainable_state, trainable_state
-from fedseek.privacy.accountant import default_delta, epsilon
-
 app = ClientApp()
-PRIVACY_STATE = "privacy-history"
-COMPRESSION_STATE = "compression-residual"
-
-
-@lru_cache(maxsize=2)
-def _trainer(base: str | None, num_labels: int, lora_key: tuple, max_length: int) -> LocalTrainer:
-    from fedseek.models.lora import LoraSettings
-
-    lora = LoraSettings(*lora_key)
-    return LocalTrainer(AdapterClassifier(base, num_labels, lora, max_length))
-
-
-def trainer_for(job: JobConfig, num_labels: int) -> LocalTrainer:
-    lora = job.lora
-    key = (lora.rank, lora.alpha, lora.targets, lora.top_layers, lora.ffa, lora.seed, tuple(lora.extra_trainable))
-    return _trainer(job.federation.base_model, num_labels, key, job.data.max_length)
-
-
-_site_cache: dict[tuple, tuple[str, EncodedTexts, EncodedTexts]] = {}
-
-
-def _site_rows(job: JobConfig, node_config: dict, label_names: list[str],
-               active: list[int] | None) -> tuple[str, LabelledTexts, LabelledTexts]:
-    """(institution, train rows, validation rows) of the job's period(s). Deployment: the node's
-    own `data-path` file; simulation: partition `partition-id`, split exactly as the server did."""
-    path = node_config.get("data-path")
-    if not path:
-        pid = int(node_config["partition-id"])
-        data = job_data(job)
-        return data.institutions[pid], data.train[pid], (data.validation or [None] * (pid + 1))[pid]
-    d = job.data
-    rows = read_labelled_file(path, d.text_column, d.label_column, d.period_column, label_names=label_names)
-    if d.periods:
-        names = [n for n in d.period.split(PERIOD_SEPARATOR) if n]
-        index = np.unique(np.concatenate([Period(n, active).selects(rows, d.periods, d.period_freq)
-                                          for n in names])).astype(int)
-        rows = rows.subset(index)
-    train, validation = split_validation(rows, d.validation_fraction, job.federation.seed)
-    return str(node_config.get("institution", path)), train, validation
-
-
-def site_data(job: JobConfig, node_config: dict, label_names: list[str], trainer: LocalTrainer,
-              active: list[int] | None = None) -> tuple[str, EncodedTexts, EncodedTexts | None]:
-    """(institution name, encoded training records, encoded validation records or None)."""
-    key = (node_config.get("data-path"), node_config.get("partition-id"), repr(job.data),
-           job.federation.seed, job.federation.institutions, job.federation.base_model)
-    if key not in _site_cache:
-        name, train, validation = _site_rows(job, node_config, label_names, active)
-        encode = lambda rows: trainer.classifier.encode(rows.texts, rows.labels, active_labels=active)  # noqa: E731
-        _site_cache[key] = (name, encode(train), encode(validation) if validation is not None and len(validation) else None)
-    return _site_cache[key]
-
-
-def _scope_key(job: JobConfig) -> str:
-    """The privacy history's key: per data scope (period), and per study arm in comparisons."""
-    scope, study = job.data.period_scope, job.federation.study
-    return PRIVACY_STATE + (f"/{study}" if study else "") + ("" if scope == "all" else f"/{scope}")
-
-
-def _history(context: Context, job: JobConfig) -> list[tuple[float, float, int]]:
-    key = _scope_key(job)
-    if key not in context.state:
-        return []
-    record = context.state[key]
-    return list(zip(record["sigma"], record["q"], record["steps"]))
-
-
-def _save_history(context: Context, job: JobConfig, history) -> None:
-    context.state[_scope_key(job)] = ConfigRecord({
-        "sigma": [float(h[0]) for h in history], "q": [float(h[1]) for h in history],
-        "steps": [int(h[2]) for h in history]})
-
-
-def _setup(content: RecordDict, context: Context):
-    config = content["config"]
-    job = JobConfig.from_flat(dict(config))
-    label_names = list(config["label-names"])
-    active = [int(x) for x in config["active-labels"]] if "active-labels" in config else None
-    trainer = trainer_for(job, len(label_names))
-    name, data, validation = site_data(job, dict(context.node_config), label_names, trainer, active)
-    if "arrays" in content:  # the global adapter to train/evaluate from (a census has none)
-        received = {k: torch.from_numpy(np.asarray(v.numpy())) for k, v in content["arrays"].items()}
-        load_trainable_state(trainer.classifier.model, received)
-    return config, job, trainer, name, data, validation
-
-
-def _tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(np.array(v.numpy())) for k, v in record.items()}
-
-
-def _site_seed(job: JobConfig, name: str) -> int:
-    return job.federation.seed * 7919 + zlib.crc32((name + job.data.period).encode())
-
-
-def upload(trained: dict[str, np.ndarray], received: dict[str, np.ndarray], context: Context,
-           settings: CompressionSettings) -> dict[str, np.ndarray]:
-    """What the institution sends: its trained tensors, or with compression its encoded delta
-    against the received global adapter (the encoding error kept in the node state for next round)."""
-    if not settings.enabled:
-        return trained
-    residual = ({k: v.numpy() for k, v in context.state[COMPRESSION_STATE].items()}
-                if COMPRESSION_STATE in context.state else None)
-    payload, residual = compress(delta_between(trained, received), settings, residual)
-    if residual:
-        context.state[COMPRESSION_STATE] = ArrayRecord({k: Array(v) for k, v in residual.items()})
-    return payload
-
-
-def train_round(content: RecordDict, context: Context) -> RecordDict:
-    """A DP-LoRA round on the received adapter; the reply holds only trainable tensors."""
-    config, job, trainer, name, data, _ = _setup(content, context)
-    server_round = int(config["server-round"])
-    ewc = EWCState.from_flat(_tensors(content["ewc"])) if "ewc" in content else None
-    fisher = job.fisher
-    planned = [(fisher.noise_multiplier, fisher.sample_rate, 1)] if job.ewc.uses_fisher and job.ewc.fisher_after else []
-    history = _history(context, job)
-    result = trainer.train_round(data, job.privacy, job.optim, server_round, job.federation.rounds,
-                                 history, _site_seed(job, name), ewc=ewc, ewc_lambda=job.ewc.lam,
-                                 planned=planned if job.privacy.enabled else [])
-    if result.history:
-        _save_history(context, job, result.history)
-    trained = {k: v.numpy() for k, v in trainable_state(trainer.classifier.model).items()}
-    received = {k: np.asarray(v.numpy()) for k, v in content["arrays"].items()}
-    sent = upload(trained, received, context, job.compression)
-    arrays = ArrayRecord({k: Array(v) for k, v in sent.items()})
-    metrics = MetricRecord({
-        "num-examples": len(data), "train-loss-first": result.loss_before,
-        "train-loss-last": result.loss_after, "delta": result.delta,
-        "noise-multiplier": result.noise_multiplier, "sample-rate": result.sample_rate,
-        "steps": server_round * result.steps,
-        "bytes-up": sum(int(a.numpy().nbytes) for a in arrays.values()),
-    })
-    if job.privacy.enabled:  # cumulative over the scope's whole history, not this round alone
-        metrics["epsilon"], metrics["epsilon-rdp"] = result.epsilon, result.epsilon_rdp
-    return RecordDict({"arrays": arrays, "metrics": metrics, "site": ConfigRecord({"institution": name})})
-
-
-def fisher_pass(content: RecordDict, context: Context) -> RecordDict:
-    """The DP Fisher diagonal of this institution's period records at the received adapter; charged
-    to the same privacy history as training."""
-    _, job, trainer, name, data, _ = _setup(content, context)
-    settings = dataclasses.replace(job.fisher, clip_norm=job.privacy.clip_norm)
-    if not job.privacy.enabled:
-        settings = dataclasses.replace(settings, noise_multiplier=0.0)
-    diagonal, entry = trainer.fisher(data, settings, _site_seed(job, name))
-    metrics = MetricRecord({"num-examples": len(data),
-                            "bytes-up": sum(int(t.numel() * 4) for t in diagonal.values())})
-    if job.privacy.enabled:
-        history = _history(context, job) + [entry]
-        _save_history(context, job, history)
-        delta = job.privacy.delta or default_delta(len(data))
-        metrics.update({"fisher-noise-multiplier": entry[0], "fisher-sample-rate": entry[1],
-                        "fisher-steps": entry[2], "delta": delta, "epsilon": epsilon(history, delta),
-                        "epsilon-rdp": epsilon(history, delta, "rdp")})
-    arrays = ArrayRecord({k: Array(v.numpy()) for k, v in diagonal.items()})
-    return RecordDict({"arrays": arrays, "metrics": metrics, "site": ConfigRecord({"institution": name})})
-
-
-def validation_counts(content: RecordDict, context: Context) -> RecordDict:
-    """Correct/total on this institution's validation records of the job's period(s)."""
-    _, _, trainer, name, _, held = _setup(content, context)
-    if held is None:
-        correct, total = 0, 0
-    else:
-        evaluation = trainer.classifier.evaluate(held)
-        correct, total = round(evaluation["accuracy"] * len(held)), len(held)
-    return RecordDict({"metrics": MetricRecord({"correct": correct, "total": total}),
-                       "site": ConfigRecord({"institution": name})})
-
-
-def census(content: RecordDict, context: Context) -> RecordDict:
-    """Who this node is and how many training records it holds for the job (counts only): the
-    coordinator plans each institution's privacy budget from it before any training."""
-    _, _, _, name, data, _ = _setup(content, context)
-    return RecordDict({"metrics": MetricRecord({"num-examples": len(data)}),
-                       "site": ConfigRecord({"institution": name})})
-
-
-HANDLERS = {"train": train_round, "train.fisher": fisher_pass, "evaluate.validation": validation_counts,
-            "query.census": census}
 
 
 def handle(kind: str, content: RecordDict, context: Context) -> RecordDict:
@@ -224,6 +18,8 @@ def handle(kind: str, content: RecordDict, context: Context) -> RecordDict:
         from fedseek.clients.ray_worker import run_on_worker
 
         return run_on_worker(kind, content, context)
+    from fedseek.clients.handlers import HANDLERS
+
     return HANDLERS[kind](content, context)
 
 

@@ -18,7 +18,7 @@ NAMESPACE = "fedseek"
 
 @ray.remote
 class SiteWorker:
-    """Runs `fedseek.clients.client_app.HANDLERS` for one institution, keeping its caches."""
+    """Runs `fedseek.clients.handlers.HANDLERS` for one institution, keeping its caches."""
 
     def __init__(self):
         from fedseek.platform.simulation import quiet_environment
@@ -31,7 +31,7 @@ class SiteWorker:
             torch.set_num_threads(threads)
 
     def handle(self, kind: str, content: RecordDict, context: Context) -> tuple[RecordDict, RecordDict]:
-        from fedseek.clients.client_app import HANDLERS
+        from fedseek.clients.handlers import HANDLERS
 
         reply = HANDLERS[kind](content, context)
         return reply, context.state

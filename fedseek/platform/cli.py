@@ -35,6 +35,12 @@ class Compression(str, Enum):
     int4 = "int4"
 
 
+class Robust(str, Enum):
+    fedavg = "fedavg"
+    trimmed_mean = "trimmed-mean"
+    median = "median"
+
+
 class Targets(str, Enum):
     attention = "attention"
     attention_mlp = "attention+mlp"
@@ -67,6 +73,12 @@ def simulate(
     base_model: Path = typer.Option(None, help="Local checkpoint directory (DeepSeek-V2/V3, R1-Distill Qwen/Llama); default: embedded."),
     compression: Compression = typer.Option(Compression.none, help="Upload adapter deltas as fp16, int8 or int4 (per-channel scales) instead of float32."),
     topk: float = typer.Option(0.0, min=0.0, max=0.99, help="Upload only this fraction of each delta's largest entries (0 = all; error feedback keeps the rest)."),
+    robust: Robust = typer.Option(Robust.fedavg, help="How the server combines updates: fedavg | trimmed-mean | "
+                                  "median (coordinate-wise, against poisoned updates)."),
+    trim_fraction: float = typer.Option(0.2, min=0.0, max=0.49, help="trimmed-mean: fraction cut from each end."),
+    server_clip: float = typer.Option(0.0, min=0.0, help="Bound each update's delta to this L2 norm on the server (0 = off)."),
+    outlier_ratio: float = typer.Option(0.0, min=0.0, help="Reject updates whose norm exceeds this multiple of "
+                                        "the round's median (0 = off; needs >= 3 institutions)."),
     max_train_rows: int = typer.Option(0, min=0, help="Use at most this many training rows in total (0 = all)."),
     seed: int = typer.Option(0, help="Seed for partitioning, sampling and LoRA init."),
     out: Path = typer.Option(Path("runs/latest"), help="Output directory (report.json, adapter/)."),
@@ -99,6 +111,7 @@ def simulate(
 
     quiet_environment()
     from fedseek.aggregator.compression import CompressionSettings
+    from fedseek.aggregator.robust import RobustSettings
     from fedseek.config import DataSettings, FederationSettings, JobConfig
     from fedseek.clients.dp_trainer import OptimSettings, PrivacySettings
     from fedseek.continual.ewc import EWCSettings
@@ -130,6 +143,8 @@ def simulate(
         job.ewc = EWCSettings(method=cl.value, lam=ewc_lambda, gamma=ewc_gamma)
         job.fisher = FisherSettings(sample_rate=fisher_rate, noise_multiplier=fisher_noise,
                                     clip_norm=clip_norm, granularity=fisher_granularity)
+        job.robust = RobustSettings(rule=robust.value, trim_fraction=trim_fraction, clip_norm=server_clip,
+                                    outlier_ratio=outlier_ratio)
         job = _preflight(job)
         out.mkdir(parents=True, exist_ok=True)
         if not job.data.periods:
