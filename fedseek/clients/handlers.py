@@ -17,6 +17,7 @@ node config the handlers run on the institution's Ray worker (`fedseek.clients.r
 from __future__ import annotations
 
 import dataclasses
+import math
 import zlib
 from functools import lru_cache
 
@@ -159,9 +160,12 @@ def train_round(content: RecordDict, context: Context) -> RecordDict:
     received = {k: np.asarray(v.numpy()) for k, v in content["arrays"].items()}
     sent = upload(trained, received, context, job.compression)
     arrays = ArrayRecord({k: Array(v) for k, v in sent.items()})
+    # training losses are computed on private records without clipping or noise: under DP they are
+    # not released (NaN); the server's accuracy/loss on its own test set are the progress signal
+    released = not job.privacy.enabled
     metrics = MetricRecord({
-        "num-examples": len(data), "train-loss-first": result.loss_before,
-        "train-loss-last": result.loss_after, "delta": result.delta,
+        "num-examples": len(data), "train-loss-first": result.loss_before if released else math.nan,
+        "train-loss-last": result.loss_after if released else math.nan, "delta": result.delta,
         "noise-multiplier": result.noise_multiplier, "sample-rate": result.sample_rate,
         "steps": server_round * result.steps,
         "bytes-up": sum(int(a.numpy().nbytes) for a in arrays.values()),
