@@ -10,7 +10,6 @@ Writes bench/results/deployment.json. Untracked job (no platform DB/MLflow time 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -20,21 +19,6 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 SITES = ("bank_a", "bank_b", "bank_c")
-
-
-def site_files(root: Path, rows: int) -> dict[str, Path]:
-    from fedseek.data.tasks import load_federated_data
-
-    data = load_federated_data("banking77", institutions=3, seed=0)
-    files = {}
-    for name, part in zip(SITES, data.train):
-        files[name] = root / f"{name}.csv"
-        with files[name].open("w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["text", "label"])
-            for text, label in list(zip(part.texts, part.labels))[:rows]:
-                writer.writerow([text, data.label_names[label]])
-    return files
 
 
 def deployed(root: Path, files: dict[str, Path], rounds: int, steps: int) -> dict:
@@ -109,7 +93,9 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="fedseek-bench-deploy-") as tmp:
         root = Path(tmp)
-        files = site_files(root, args.rows)
+        from fedseek.platform.deploy_local import write_demo_sites
+
+        files = write_demo_sites(root, SITES, args.rows)
         deploy = deployed(root, files, args.rounds, args.local_steps)
         local = in_process(files, args.rounds, args.local_steps)
     # round 1 of the deployment also loads the model on each site worker: compare later rounds

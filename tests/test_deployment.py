@@ -6,7 +6,6 @@ and a SQLite platform DB. A 2-round federated DP-LoRA job goes through the platf
 with an unregistered key and a plaintext SuperNode are refused. Everything is stopped at the end."""
 from __future__ import annotations
 
-import csv
 import json
 import os
 import socket
@@ -17,25 +16,10 @@ import pytest
 from conftest import start_mlflow_server, stop
 from sqlalchemy import create_engine, text
 
-from fedseek.platform.deploy_local import BIN, LocalFederation, deploy_command, free_port
+from fedseek.platform.deploy_local import BIN, LocalFederation, deploy_command, free_port, write_demo_sites
 
 SITES = ("bank_a", "bank_b", "bank_c")
 ROWS_PER_SITE = 160
-
-
-def write_site_files(root: Path) -> dict[str, Path]:
-    from fedseek.data.tasks import load_federated_data
-
-    data = load_federated_data("banking77", institutions=3, seed=0)
-    files = {}
-    for name, rows in zip(SITES, data.train):
-        files[name] = root / f"{name}.csv"
-        with files[name].open("w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["text", "label"])
-            for text_, label in list(zip(rows.texts, rows.labels))[:ROWS_PER_SITE]:
-                writer.writerow([text_, data.label_names[label]])
-    return files
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +34,7 @@ def federation(tmp_path_factory):
     mlflow = None
     try:
         mlflow = start_mlflow_server(f"sqlite:///{root / 'mlflow.db'}", str(root / "mlartifacts"), mlflow_port)
-        fed.start(write_site_files(root), extra_keys=("rogue",))
+        fed.start(write_demo_sites(root, SITES, ROWS_PER_SITE), extra_keys=("rogue",))
         yield fed
     finally:
         fed.stop()

@@ -22,6 +22,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def write_demo_sites(root: Path, names: tuple[str, ...], rows: int, task: str = "banking77") -> dict[str, Path]:
+    """One CSV per institution (`text,label`) from the task's shipped partition (IID, seed 0),
+    at most `rows` records each: what an institution's `--data` file looks like."""
+    import csv
+
+    from fedseek.data.tasks import load_federated_data
+
+    data = load_federated_data(task, institutions=len(names), seed=0)
+    files = {}
+    for name, part in zip(names, data.train):
+        files[name] = Path(root) / f"{name}.csv"
+        with files[name].open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["text", "label"])
+            for text, label in list(zip(part.texts, part.labels))[:rows]:
+                writer.writerow([text, data.label_names[label]])
+    return files
+
+
 def deploy_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "fedseek", "deploy", *args]
 
