@@ -139,8 +139,10 @@ def test_institution_commands():
         "deploy", "supernode", "--superlink", env["SUPERLINK_ADDRESS"], "--ca", "/run/secrets/ca.crt",
         "--key", "/run/secrets/node.key", "--institution", env["INSTITUTION"], "--data", f"/data/{env['DATA_FILE']}",
         "--host", "0.0.0.0", "--port", "9094", "--ray-address", "ray://ray-head:10001",
-        "--num-gpus", env["WORKER_NUM_GPUS"], "--num-cpus", env["WORKER_NUM_CPUS"]]
-    assert svc["clientapp"]["command"] == ["deploy", "clientapp", "--supernode", "supernode:9094"]
+        "--num-gpus", env["WORKER_NUM_GPUS"], "--num-cpus", env["WORKER_NUM_CPUS"],
+        "--local-certs", "/run/secrets/site-"]  # TLS on the site link too
+    assert svc["clientapp"]["command"] == ["deploy", "clientapp", "--supernode", "supernode:9094",
+                                           "--local-certs", "/run/secrets/site-"]
     assert svc["ray-head"]["entrypoint"] == ["ray"]
     assert svc["ray-head"]["command"][:4] == ["start", "--head", "--block", f"--num-gpus={env['NUM_GPUS']}"]
     assert "--ray-client-server-port=10001" in svc["ray-head"]["command"]  # the port of ray://ray-head:10001
@@ -204,8 +206,10 @@ def test_secrets_ports_and_networks():
     secret_names = lambda svc: sorted(s["source"] if isinstance(s, dict) else s for s in svc.get("secrets", []))
     assert secret_names(coord["superlink"]) == ["ca.crt", "server.crt", "server.key", "superexec.secret"]
     assert secret_names(coord["serverapp"]) == ["ca.crt", "superexec.secret"]
-    assert secret_names(inst["supernode"]) == ["ca.crt", "node.key"]
-    assert secret_names(inst["clientapp"]) == [] and secret_names(inst["ray-head"]) == []
+    assert secret_names(inst["supernode"]) == ["ca.crt", "node.key", "site-ca.crt", "site-server.crt",
+                                               "site-server.key", "site-superexec.secret"]
+    assert secret_names(inst["clientapp"]) == ["site-ca.crt", "site-superexec.secret"]
+    assert secret_names(inst["ray-head"]) == []
     for name in ("postgres", "mlflow", "db-migrate"):
         assert secret_names(coord[name]) == [], name
     certs = Path(env_values("coordinator")["CERTS_DIR"])

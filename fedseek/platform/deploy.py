@@ -38,7 +38,12 @@ class CertPaths:
 
     @classmethod
     def in_dir(cls, directory: Path) -> "CertPaths":
+        """The files `write_certs` made in `directory`; a path that is not a directory is a file-name
+        prefix (e.g. `/run/secrets/site-` for `/run/secrets/site-ca.crt`, as compose secrets)."""
         d = Path(directory)
+        if not d.is_dir() and str(directory).endswith(("-", "_", ".")):
+            name = lambda file: d.parent / (d.name + file)  # noqa: E731
+            return cls(name("ca.crt"), name("ca.key"), name("server.crt"), name("server.key"), name("superexec.secret"))
         return cls(d / "ca.crt", d / "ca.key", d / "server.crt", d / "server.key", d / "superexec.secret")
 
 

@@ -163,8 +163,9 @@ def supernode(superlink: str = typer.Option("superlink:8000", help="SuperLink ho
                                               "from a container that is not a Ray node, or 'local')."),
               num_gpus: float = typer.Option(0.0, min=0.0, help="GPUs reserved per training worker."),
               num_cpus: float = typer.Option(1.0, min=0.0, help="CPUs reserved per training worker."),
-              local_certs: Path = typer.Option(None, help="The site's own certs (fedseek deploy certs) for the "
-                                               "SuperNode <-> ClientApp link; omit only on loopback."),
+              local_certs: Path = typer.Option(None, help="The site's own certs (`fedseek deploy certs --host "
+                                               "supernode`) for the SuperNode <-> ClientApp link: their directory, or a "
+                                               "file-name prefix such as /run/secrets/site-; omit only on loopback."),
               max_wait_time: float = typer.Option(None, help="Give up connecting after this many seconds.")) -> None:
     """Run this institution's SuperNode (TLS to the SuperLink, authenticated by its key)."""
     _required(superlink=superlink, institution=institution)
@@ -181,7 +182,7 @@ def supernode(superlink: str = typer.Option("superlink:8000", help="SuperLink ho
 
 @deploy_app.command()
 def clientapp(supernode: str = typer.Option("supernode:9094", help="The SuperNode's Runtime API host:port."),
-              local_certs: Path = typer.Option(None, help="The site's certs given to the SuperNode.")) -> None:
+              local_certs: Path = typer.Option(None, help="The site's certs given to the SuperNode (directory or prefix).")) -> None:
     """Run the process that executes this institution's ClientApps."""
     from fedseek.platform.deploy import CertPaths, superexec_command
 
