@@ -53,10 +53,10 @@ def _tensors(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
 
 
 def run_federation(grid: Grid, job: JobConfig, reporter: Reporter | None = None,
-                   sites: FederatedData | None = None) -> dict:
+                   sites: FederatedData | None = None, nodes: set[int] | None = None) -> dict:
     """Run the whole job on `grid` and return the report (also written to `out/report.json`).
     `sites`: the institutions as a census found them (deployment), reported instead of the
-    server's own view of the data."""
+    server's own view of the data; `nodes`: their node ids, the only ones that train."""
     reporter = reporter or SilentReporter()
     started = time.time()
     data = load_federated_data(**data_arguments(job))
@@ -66,7 +66,8 @@ def run_federation(grid: Grid, job: JobConfig, reporter: Reporter | None = None,
     initial_arrays = ArrayRecord({k: Array(v.numpy()) for k, v in trainable_state(classifier.model).items()})
     initial = classifier.evaluate(test)
     reporter.start(job, sites or data, initial)
-    strategy = AdapterFedAvg(job.federation.institutions, job.compression, robust=job.robust)
+    strategy = AdapterFedAvg(job.federation.institutions, job.compression, robust=job.robust,
+                             allowed_nodes=nodes)
     rows: list[dict] = []
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:

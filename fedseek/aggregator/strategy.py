@@ -32,9 +32,11 @@ class AdapterFedAvg(FedAvg):
 
     def __init__(self, institutions: int, compression: CompressionSettings | None = None,
                  extra_records: dict[str, ArrayRecord] | None = None,
-                 robust: RobustSettings | None = None):
+                 robust: RobustSettings | None = None, allowed_nodes: set[int] | None = None):
         super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=institutions,
                          min_available_nodes=institutions)
+        # deployment: only the nodes the census identified (and the ledger pre-flighted) train
+        self.allowed_nodes = allowed_nodes
         self.round_log: dict[int, list[dict]] = {}
         self.compression = compression or CompressionSettings()
         self.robust = robust or RobustSettings()
@@ -45,6 +47,8 @@ class AdapterFedAvg(FedAvg):
                         grid: Grid) -> Iterable[Message]:
         self.sent = {k: v.numpy() for k, v in arrays.items()}
         messages = list(super().configure_train(server_round, arrays, config, grid))
+        if self.allowed_nodes is not None:
+            messages = [m for m in messages if m.metadata.dst_node_id in self.allowed_nodes]
         for message in messages:
             for key, record in self.extra_records.items():
                 message.content[key] = record
