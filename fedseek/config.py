@@ -58,6 +58,8 @@ class FederationSettings:
     base_model: str | None = None  # local checkpoint directory; None = embedded default
     out: str = "runs/latest"
     study: str = ""  # a comparison arm's name: its institutions keep a separate privacy history
+    min_institutions: int = 0  # a round completes with this many updates (0 = all institutions)
+    round_timeout: float = 3600.0  # seconds a round waits for replies before going on without them
 
 
 @dataclass

@@ -106,3 +106,4 @@ def test_a_plaintext_supernode_and_a_plain_http_request_are_refused(federation):
         except (ConnectionResetError, socket.timeout):
             answer = b""
     assert not answer.startswith(b"HTTP/1.1 2")
+

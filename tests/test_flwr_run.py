@@ -25,7 +25,8 @@ def free_port() -> int:
 @pytest.fixture()
 def superlink(tmp_path):
     port = free_port()
-    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr"), "PATH": f"{BIN}:{os.environ['PATH']}"}
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr"), "PATH": f"{BIN}:{os.environ['PATH']}",
+           "RAY_ADDRESS": "local"}  # its own Ray instance, never a cluster advertised on this host
     (tmp_path / "flwr").mkdir()
     (tmp_path / "flwr" / "config.toml").write_text(
         f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')

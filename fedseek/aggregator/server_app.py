@@ -53,10 +53,10 @@ def _tensors(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
 
 
 def run_federation(grid: Grid, job: JobConfig, reporter: Reporter | None = None,
-                   sites: FederatedData | None = None, nodes: set[int] | None = None) -> dict:
+                   sites: FederatedData | None = None, nodes: dict[int, str] | None = None) -> dict:
     """Run the whole job on `grid` and return the report (also written to `out/report.json`).
     `sites`: the institutions as a census found them (deployment), reported instead of the
-    server's own view of the data; `nodes`: their node ids, the only ones that train."""
+    server's own view of the data; `nodes`: node id -> institution, the only nodes that train."""
     reporter = reporter or SilentReporter()
     started = time.time()
     data = load_federated_data(**data_arguments(job))
@@ -67,7 +67,7 @@ def run_federation(grid: Grid, job: JobConfig, reporter: Reporter | None = None,
     initial = classifier.evaluate(test)
     reporter.start(job, sites or data, initial)
     strategy = AdapterFedAvg(job.federation.institutions, job.compression, robust=job.robust,
-                             allowed_nodes=nodes)
+                             node_names=nodes, min_institutions=job.federation.min_institutions)
     rows: list[dict] = []
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -76,6 +76,8 @@ def run_federation(grid: Grid, job: JobConfig, reporter: Reporter | None = None,
         load_trainable_state(classifier.model, _tensors(arrays))
         evaluation = classifier.evaluate(test)
         rows.append(_round_row(server_round, evaluation, strategy.round_log.get(server_round, []), started))
+        if strategy.dropped_log.get(server_round):
+            rows[-1]["dropped"] = strategy.dropped_log[server_round]
         reporter.round(rows[-1])
         return MetricRecord(evaluation)
 
@@ -83,6 +85,7 @@ def run_federation(grid: Grid, job: JobConfig, reporter: Reporter | None = None,
     stopped = None
     try:
         result = strategy.start(grid=grid, initial_arrays=initial_arrays, num_rounds=job.federation.rounds,
+                                timeout=job.federation.round_timeout,
                                 train_config=train_config, evaluate_fn=evaluate)
         load_trainable_state(classifier.model, _tensors(result.arrays))
     except StopFederation as stop:  # the classifier already holds the last committed round's adapter
@@ -176,11 +179,13 @@ def census(grid: Grid, job: JobConfig, timeout: float = 300.0) -> tuple[Federate
     messages = [Message(RecordDict({"config": config}), dst_node_id=node, message_type="query.census")
                 for node in nodes]
     replies = list(grid.send_and_receive(messages, timeout=timeout))
+    answered = [r for r in replies if not r.has_error()]
     failed = [f"node {r.metadata.src_node_id}: {r.error.reason}" for r in replies if r.has_error()]
-    if failed or len(replies) < len(nodes):
-        raise CensusError("census failed: " + ("; ".join(failed) or f"{len(replies)}/{len(nodes)} replied"))
+    if len(answered) < job.federation.institutions:  # a registered node that is offline is skipped
+        raise CensusError(f"census: {len(answered)} of the {job.federation.institutions} institutions the job "
+                          f"needs answered ({len(nodes)} asked); " + ("; ".join(failed) or "no error replies"))
     sites = sorted((str(r.content["site"]["institution"]), int(r.metadata.src_node_id),
-                    int(r.content["metrics"]["num-examples"])) for r in replies)
+                    int(r.content["metrics"]["num-examples"])) for r in answered)
     names = [name for name, _, _ in sites]
     if len(set(names)) != len(names):
         raise CensusError(f"two nodes claim the same institution: {names}")

@@ -32,11 +32,17 @@ class AdapterFedAvg(FedAvg):
 
     def __init__(self, institutions: int, compression: CompressionSettings | None = None,
                  extra_records: dict[str, ArrayRecord] | None = None,
-                 robust: RobustSettings | None = None, allowed_nodes: set[int] | None = None):
-        super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=institutions,
-                         min_available_nodes=institutions)
+                 robust: RobustSettings | None = None, node_names: dict[int, str] | None = None,
+                 min_institutions: int = 0):
+        # rounds start once `min_institutions` (default: all) are connected, and go on with the
+        # replies that arrive within the round timeout: at least `min_institutions` (default: one)
+        self.min_institutions = min_institutions
+        super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=min_institutions or institutions,
+                         min_available_nodes=min_institutions or institutions)
         # deployment: only the nodes the census identified (and the ledger pre-flighted) train
-        self.allowed_nodes = allowed_nodes
+        self.node_names = node_names
+        self.expected: set[int] = set()  # nodes sent a train message this round
+        self.dropped_log: dict[int, list[dict]] = {}  # round -> institutions that did not answer
         self.round_log: dict[int, list[dict]] = {}
         self.compression = compression or CompressionSettings()
         self.robust = robust or RobustSettings()
@@ -47,8 +53,9 @@ class AdapterFedAvg(FedAvg):
                         grid: Grid) -> Iterable[Message]:
         self.sent = {k: v.numpy() for k, v in arrays.items()}
         messages = list(super().configure_train(server_round, arrays, config, grid))
-        if self.allowed_nodes is not None:
-            messages = [m for m in messages if m.metadata.dst_node_id in self.allowed_nodes]
+        if self.node_names is not None:
+            messages = [m for m in messages if m.metadata.dst_node_id in self.node_names]
+        self.expected = {int(m.metadata.dst_node_id) for m in messages}
         for message in messages:
             for key, record in self.extra_records.items():
                 message.content[key] = record
@@ -83,10 +90,21 @@ class AdapterFedAvg(FedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
         valid, failed = self._check_and_log_replies(replies, is_train=True, validate=False)
-        for msg in failed:
-            logger.warning("round %s: node %s failed: %s", server_round, msg.metadata.src_node_id,
-                           msg.error.reason)
+        answered = {int(m.metadata.src_node_id) for m in replies}
+        dropped = [{"node_id": n, "institution": self._name(n), "reason": "no reply within the round timeout"}
+                   for n in sorted(self.expected - answered)]
+        dropped += [{"node_id": int(m.metadata.src_node_id), "institution": self._name(m.metadata.src_node_id),
+                     "reason": m.error.reason} for m in failed]
+        self.dropped_log[server_round] = dropped
+        for drop in dropped:
+            logger.warning("round %s: %s (node %s) dropped out: %s", server_round, drop["institution"],
+                           drop["node_id"], drop["reason"])
+        if valid and len(valid) < self.min_institutions:
+            raise RuntimeError(f"round {server_round}: {len(valid)} institutions answered, the job needs "
+                               f"{self.min_institutions}; dropped: "
+                               + ("; ".join(f"{d['institution']}: {d['reason']}" for d in dropped) or "none"))
         if not valid:
             reasons = "; ".join(m.error.reason for m in failed) or "no replies"
             raise RuntimeError(f"round {server_round}: no institution returned an update ({reasons})")
@@ -139,6 +157,10 @@ class AdapterFedAvg(FedAvg):
             "num-examples": total,
         })
         return ArrayRecord({k: Array(v) for k, v in merged.items()}), summary
+
+
+    def _name(self, node_id) -> str:
+        return (self.node_names or {}).get(int(node_id), f"node-{node_id}")
 
 
 def _entry(msg: Message) -> dict:

@@ -206,6 +206,9 @@ def run(superlink: str = typer.Option("superlink:8000", help="SuperLink host:por
         set_: list[str] = typer.Option([], "--set", help="Any other job setting, section.field=value (repeat)."),
         app_dir: Path = typer.Option(None, help="The FedSeek project directory to run (default: this installation's)."),
         census_timeout: float = typer.Option(300.0, help="Seconds to wait for the institutions to connect."),
+        min_institutions: int = typer.Option(0, min=0, help="Rounds go on with at least this many institutions' "
+                                             "updates when others drop out (0 = all must answer)."),
+        round_timeout: float = typer.Option(3600.0, min=1.0, help="Seconds a round waits for replies."),
         track: bool = typer.Option(True, "--track/--no-track", help="Record in the platform DB, ledger and MLflow.")) -> None:
     """Launch a federated DP-LoRA job on the deployed federation (`flwr run` of this project)."""
     from fedseek.config import JobConfig
@@ -217,6 +220,7 @@ def run(superlink: str = typer.Option("superlink:8000", help="SuperLink host:por
     job.federation.out = out or time.strftime("runs/deploy/%Y%m%dT%H%M%SZ", time.gmtime())
     job.optim.local_steps, job.lora.rank, job.lora.alpha = local_steps, lora_rank, 2.0 * lora_rank
     job.privacy.enabled, job.privacy.target_epsilon = not no_dp, epsilon
+    job.federation.min_institutions, job.federation.round_timeout = min_institutions, round_timeout
     flat = job.to_flat()
     for item in set_:
         key, sep, value = item.partition("=")
@@ -229,11 +233,38 @@ def run(superlink: str = typer.Option("superlink:8000", help="SuperLink host:por
         run_config = Path(home) / "run.toml"
         run_config.write_text(f"job = {json.dumps(json.dumps(flat))}\nplatform-track = {str(track).lower()}\n"
                               f"census-timeout = {census_timeout}\n")
-        proc = subprocess.run([_flwr(), "run", str(directory), FEDERATION, "--run-config", str(run_config), "--stream"],
-                              env={**os.environ, "FLWR_HOME": home})
-    if proc.returncode:
-        _fail(f"the federated job failed (flwr run exit {proc.returncode}); see the ServerApp log above", proc.returncode)
+        env = {**os.environ, "FLWR_HOME": home}
+        returncode, run_id = _stream([_flwr(), "run", str(directory), FEDERATION, "--run-config", str(run_config),
+                                      "--stream"], env)
+        status = _run_status(run_id, env) if run_id else None
+    if returncode or status != "finished:completed":  # `flwr run` exits 0 even when the ServerApp failed
+        _fail(f"the federated job failed (flwr run exit {returncode}, run {run_id} status {status}); "
+              "see the ServerApp log above", returncode or 1)
     console.print(f"job finished; report and adapter in {job.federation.out} on the ServerApp host")
+
+
+def _stream(command: list[str], env: dict) -> tuple[int, str | None]:
+    """Run `flwr run --stream`, echoing its output; (exit code, Flower run id)."""
+    import re
+
+    run_id = None
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            found = re.search(r"Successfully started run (\d+)", line)
+            run_id = run_id or (found.group(1) if found else None)
+    return proc.returncode, run_id
+
+
+def _run_status(run_id: str, env: dict) -> str | None:
+    """The run's final status as the SuperLink records it, e.g. `finished:completed`."""
+    proc = subprocess.run([_flwr(), "list", FEDERATION, "--run-id", run_id, "--format", "json"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    try:
+        runs = json.loads(proc.stdout[proc.stdout.index("{"):]).get("runs", [])
+    except ValueError:
+        return None
+    return str(runs[0].get("status")) if runs else None
 
 
 def _settable(job) -> set[str]:

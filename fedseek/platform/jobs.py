@@ -58,7 +58,7 @@ def run_deployed(grid, job: JobConfig, census_timeout: float = 300.0, settings=N
     verify_node_identities(reporter.db, node_ids)
     reporter.preflight(job, sites)
     try:
-        return run_federation(grid, job, reporter, sites=sites, nodes=set(node_ids.values()))
+        return run_federation(grid, job, reporter, sites=sites, nodes={n: name for name, n in node_ids.items()})
     except BaseException as err:
         reporter.fail(str(err) or type(err).__name__)
         raise
