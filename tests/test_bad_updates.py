@@ -158,3 +158,21 @@ def test_compressed_replies_are_validated_after_decoding():
     assert "non-finite" in log_of(s)["bank_nan"]["rejected"]
     assert np.all(np.isfinite(arrays["layer.lora_A.weight"].numpy()))
     assert error(arrays) < 0.3  # the three honest clients' decoded deltas vs the 4-client mean
+
+
+def test_a_silent_institution_is_logged_as_dropped_and_the_minimum_is_enforced():
+    """The strategy sent to nodes 1-3 (what configure_train records); node 3 never answered
+    within the round timeout. With a minimum of 2 the round completes and names the dropout;
+    with a minimum of 3 it stops, naming who is missing."""
+    names = {1: "hospital_a", 2: "hospital_b", 3: "hospital_c"}
+    lenient = AdapterFedAvg(3, robust=None, node_names=names, min_institutions=2)
+    lenient.sent, lenient.expected = {k: v.copy() for k, v in GLOBAL.items()}, {1, 2, 3}
+    arrays, _ = lenient.aggregate_train(1, [reply(1, honest(1), name="hospital_a"),
+                                            reply(2, honest(2), name="hospital_b")])
+    assert arrays is not None
+    assert lenient.dropped_log[1] == [{"node_id": 3, "institution": "hospital_c",
+                                       "reason": "no reply within the round timeout"}]
+    strict = AdapterFedAvg(3, node_names=names, min_institutions=3)
+    strict.sent, strict.expected = {k: v.copy() for k, v in GLOBAL.items()}, {1, 2, 3}
+    with pytest.raises(RuntimeError, match="2 institutions answered, the job needs 3; dropped: hospital_c"):
+        strict.aggregate_train(1, [reply(1, honest(1)), reply(2, honest(2))])
