@@ -170,9 +170,7 @@ def upgrade(url: str, revision: str = "head") -> None:
     command.upgrade(config, revision)
 
 
-_CURRENT: set[str] = set()  # URLs checked to be at the head revision in this process
-
-
+@lru_cache(maxsize=1)
 def head_revision() -> str:
     from alembic.script import ScriptDirectory
     from alembic.config import Config
@@ -198,14 +196,12 @@ def session_scope(url: str, migrate: bool = True):
     """A transaction: committed when the block ends, rolled back (nothing half-written) on error.
     With `migrate`, a DB without the schema is migrated first."""
     engine = engine_for(url)
-    if url not in _CURRENT:
-        if not inspect(engine).has_table("privacy_ledger"):
-            if not migrate:
-                raise SchemaMissing(f"{url}: no FedSeek schema; run `fedseek db upgrade`")
-            upgrade(url)
-        elif _revision(engine) != head_revision():  # an older FedSeek's DB: migrate it forward
-            upgrade(url)
-        _CURRENT.add(url)
+    if not inspect(engine).has_table("privacy_ledger"):
+        if not migrate:
+            raise SchemaMissing(f"{url}: no FedSeek schema; run `fedseek db upgrade`")
+        upgrade(url)
+    elif _revision(engine) != head_revision():  # an older FedSeek's DB: migrate it forward
+        upgrade(url)
     session = sessionmaker(engine, expire_on_commit=False)()
     try:
         yield session
