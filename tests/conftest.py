@@ -4,7 +4,6 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,10 +41,7 @@ def banking():
 # --- real servers for the platform tests (MLflow, PostgreSQL), started on free loopback ports ---
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from fedseek.platform.deploy_local import free_port  # noqa: E402,F401  (one free-port helper)
 
 
 def wait_for_http(url: str, process: subprocess.Popen, timeout: float = 180) -> None:
