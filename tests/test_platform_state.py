@@ -82,6 +82,7 @@ def test_an_older_schema_keeps_its_rows_and_is_migrated_forward_on_first_use(db_
     config.attributes["url"] = db_url
     command.downgrade(config, "0001")  # and back: the downgrade path works too
     assert "node_id" not in {c["name"] for c in inspect(engine_for(db_url)).get_columns("institutions")}
+    assert "checkpoint_sha256" not in {c["name"] for c in inspect(engine_for(db_url)).get_columns("rounds")}
 
 
 def test_a_round_and_its_ledger_entries_commit_together_or_not_at_all(db_url, tmp_path, small_data):

@@ -53,46 +53,62 @@ def _tensors(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
 
 
 def run_federation(grid: Grid, job: JobConfig, reporter: Reporter | None = None,
-                   sites: FederatedData | None = None, nodes: dict[int, str] | None = None) -> dict:
+                   sites: FederatedData | None = None, nodes: dict[int, str] | None = None,
+                   resume=None) -> dict:
     """Run the whole job on `grid` and return the report (also written to `out/report.json`).
     `sites`: the institutions as a census found them (deployment), reported instead of the
-    server's own view of the data; `nodes`: node id -> institution, the only nodes that train."""
+    server's own view of the data; `nodes`: node id -> institution, the only nodes that train;
+    `resume`: a `fedseek.platform.resume.ResumePoint` (rounds 1..k committed): go on from round k+1."""
     reporter = reporter or SilentReporter()
     started = time.time()
     data = load_federated_data(**data_arguments(job))
     classifier = AdapterClassifier(job.federation.base_model, len(data.label_names), job.lora,
                                    job.data.max_length)
     test = classifier.encode(data.test.texts, data.test.labels)
-    initial_arrays = ArrayRecord({k: Array(v.numpy()) for k, v in trainable_state(classifier.model).items()})
     initial = classifier.evaluate(test)
+    done = resume.committed if resume else 0  # Flower numbers this run's rounds 1..; the job's are done+1..
+    if resume and resume.tensors is not None:
+        load_trainable_state(classifier.model, {k: torch.from_numpy(np.array(v)) for k, v in resume.tensors.items()})
+    initial_arrays = ArrayRecord({k: Array(v.numpy()) for k, v in trainable_state(classifier.model).items()})
     reporter.start(job, sites or data, initial)
     strategy = AdapterFedAvg(job.federation.institutions, job.compression, robust=job.robust,
                              node_names=nodes, min_institutions=job.federation.min_institutions)
-    rows: list[dict] = []
+    rows: list[dict] = list(resume.rows) if resume else []
+    checkpoint = getattr(reporter, "checkpoint", None)
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
             return MetricRecord(initial)
-        load_trainable_state(classifier.model, _tensors(arrays))
+        tensors = _tensors(arrays)
+        load_trainable_state(classifier.model, tensors)
         evaluation = classifier.evaluate(test)
-        rows.append(_round_row(server_round, evaluation, strategy.round_log.get(server_round, []), started))
+        rows.append(_round_row(done + server_round, evaluation, strategy.round_log.get(server_round, []), started))
         if strategy.dropped_log.get(server_round):
             rows[-1]["dropped"] = strategy.dropped_log[server_round]
+        if checkpoint:  # the global adapter of this round, on disk before the round is committed
+            checkpoint(done + server_round, {k: v.numpy() for k, v in tensors.items()})
         reporter.round(rows[-1])
         return MetricRecord(evaluation)
 
-    train_config = ConfigRecord({**job.to_flat(), "label-names": list(data.label_names)})
+    train_config = ConfigRecord({**job.to_flat(), "label-names": list(data.label_names), "round-offset": done})
     stopped = None
+    round_log = strategy.round_log
     try:
-        result = strategy.start(grid=grid, initial_arrays=initial_arrays, num_rounds=job.federation.rounds,
-                                timeout=job.federation.round_timeout,
-                                train_config=train_config, evaluate_fn=evaluate)
-        load_trainable_state(classifier.model, _tensors(result.arrays))
+        if job.federation.rounds > done:
+            result = strategy.start(grid=grid, initial_arrays=initial_arrays, num_rounds=job.federation.rounds - done,
+                                    timeout=job.federation.round_timeout,
+                                    train_config=train_config, evaluate_fn=evaluate)
+            load_trainable_state(classifier.model, _tensors(result.arrays))
+        else:  # every round was committed before the interruption: only the report is left
+            round_log = {done: rows[-1]["clients"]} if rows else {}
     except StopFederation as stop:  # the classifier already holds the last committed round's adapter
         stopped = str(stop)
-    report = build_report(job, sites or data, classifier, initial, rows, strategy.round_log, started)
+    report = build_report(job, sites or data, classifier, initial, rows, round_log, started)
+    if resume:
+        report["resumed_after_round"] = done
     if stopped:
         report["stopped"] = stopped
+    if stopped or resume:
         (Path(job.federation.out) / "report.json").write_text(json.dumps(report, indent=2))
     reporter.finish(report)
     return report
@@ -218,7 +234,8 @@ def main(grid: Grid, context: Context) -> None:
     if run_config.get("platform-track"):
         from fedseek.platform.jobs import run_deployed
 
-        run_deployed(grid, job, census_timeout=float(run_config.get("census-timeout", 300)))
+        run_deployed(grid, job, census_timeout=float(run_config.get("census-timeout", 300)),
+                     resume_job=int(run_config.get("resume-job", 0) or 0))
     else:
         run_federation(grid, job)
 

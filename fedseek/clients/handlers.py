@@ -17,6 +17,7 @@ node config the handlers run on the institution's Ray worker (`fedseek.clients.r
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import zlib
 from functools import lru_cache
@@ -35,6 +36,7 @@ from fedseek.models.classifier import AdapterClassifier, EncodedTexts
 from fedseek.models.lora import load_trainable_state, trainable_state
 from fedseek.privacy.accountant import default_delta, epsilon
 
+logger = logging.getLogger("fedseek.clients")
 PRIVACY_STATE = "privacy-history"
 COMPRESSION_STATE = "compression-residual"
 
@@ -143,14 +145,26 @@ def upload(trained: dict[str, np.ndarray], received: dict[str, np.ndarray], cont
     return payload
 
 
+def assumed_history(trainer: LocalTrainer, job: JobConfig, records: int, server_round: int, planned) -> list:
+    """The node lost its accountant history (a restarted SuperNode, a resumed job): assume it took
+    part in every earlier round with the job's sigma (re-derived: the calibration is deterministic)
+    — exact when it did, an over-estimate of its epsilon when it missed rounds."""
+    sigma, q, _ = trainer.plan_noise(job.privacy, job.optim, records, job.federation.rounds, [], planned)
+    logger.warning("no privacy history for round %d: assuming %d earlier rounds of %d steps at sigma %.4g",
+                   server_round, server_round - 1, job.optim.local_steps, sigma)
+    return [(sigma, q, job.optim.local_steps)] * (server_round - 1)
+
+
 def train_round(content: RecordDict, context: Context) -> RecordDict:
     """A DP-LoRA round on the received adapter; the reply holds only trainable tensors."""
     config, job, trainer, name, data, _ = _setup(content, context)
-    server_round = int(config["server-round"])
+    server_round = int(config["server-round"]) + int(config.get("round-offset", 0))  # a resumed job's rounds
     ewc = EWCState.from_flat(_tensors(content["ewc"])) if "ewc" in content else None
     fisher = job.fisher
     planned = [(fisher.noise_multiplier, fisher.sample_rate, 1)] if job.ewc.uses_fisher and job.ewc.fisher_after else []
     history = _history(context, job)
+    if not history and server_round > 1 and job.privacy.enabled:
+        history = assumed_history(trainer, job, len(data), server_round, planned)
     result = trainer.train_round(data, job.privacy, job.optim, server_round, job.federation.rounds,
                                  history, _site_seed(job, name), ewc=ewc, ewc_lambda=job.ewc.lam,
                                  planned=planned if job.privacy.enabled else [])

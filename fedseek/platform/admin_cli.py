@@ -159,8 +159,10 @@ def tasks(add: str = typer.Option(None, "--add", help="Register a task with this
     console.print(table)
 
 
-def jobs(limit: int = typer.Option(20, min=1, help="Newest jobs to show.")) -> None:
-    """List jobs: status, rounds committed, accuracy, message."""
+def jobs(ctx: typer.Context, limit: int = typer.Option(20, min=1, help="Newest jobs to show.")) -> None:
+    """List jobs: status, rounds committed, accuracy, message (`fedseek jobs resume ID` continues one)."""
+    if ctx.invoked_subcommand:
+        return
     from sqlalchemy import func, select
 
     from fedseek.platform.db import Job, Round
@@ -173,6 +175,26 @@ def jobs(limit: int = typer.Option(20, min=1, help="Newest jobs to show.")) -> N
             table.add_row(str(job.id), job.task.name, job.data_scope, job.status, f"{done}/{job.planned_rounds}",
                           acc, str(job.started_at)[:19], job.message[:120])
     console.print(table)
+
+
+def resume(job_id: int = typer.Argument(..., help="The job to continue (see `fedseek jobs`)."),
+           force: bool = typer.Option(False, help="Resume even if the process recorded as running it is alive."),
+           verbose: bool = typer.Option(False, help="Show Flower/Ray logs.")) -> None:
+    """Continue an interrupted (killed or failed) simulated job from its last committed round: same
+    job id, adapter from that round's checkpoint, each round charged to the privacy ledger once."""
+    from fedseek.platform.console import RichReporter
+    from fedseek.platform.checkpoints import CheckpointError
+    from fedseek.platform.jobs import resume_job
+    from fedseek.platform.resume import ResumeError
+    from fedseek.platform.simulation import SimulationError, quiet_environment
+
+    quiet_environment()
+    try:
+        report = resume_job(job_id, RichReporter(console), verbose=verbose, force=force)
+    except (ResumeError, CheckpointError, SimulationError) as err:
+        fail(str(err))
+    console.print(f"job {job_id} finished after resuming at round {report.get('resumed_after_round', 0) + 1}: "
+                  f"accuracy {report['final_accuracy']:.2%}")
 
 
 def versions(task: str = typer.Option(..., help="Task whose registered adapter versions to list.")) -> None:
@@ -248,8 +270,13 @@ def register(app: typer.Typer) -> None:
 
     app.add_typer(db_app, name="db")
     app.add_typer(institutions_app, name="institutions")
-    for command in (privacy, tasks, jobs, versions, promote, dashboard):
+    for command in (privacy, tasks, versions, promote, dashboard):
         app.command()(command)
+    jobs_app = typer.Typer(help=jobs.__doc__, invoke_without_command=True, no_args_is_help=False)
+    jobs_app.callback()(jobs)
+    jobs_app.command("list")(jobs)
+    jobs_app.command("resume")(resume)
+    app.add_typer(jobs_app, name="jobs")
     scheduler_cli.register(schedule_app, scheduler_app)
     app.add_typer(schedule_app, name="schedule")
     app.add_typer(scheduler_app, name="scheduler")

@@ -68,6 +68,8 @@ class Job(Base):
     planned_rounds: Mapped[int] = mapped_column(Integer)
     final_accuracy: Mapped[float | None] = mapped_column(Float)
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
+    runner: Mapped[str] = mapped_column(String(20), default="simulate")  # simulate | deploy
+    owner: Mapped[str | None] = mapped_column(String(200))  # host:pid of the process running it
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     task: Mapped[Task] = relationship()
@@ -83,6 +85,7 @@ class Round(Base):
     loss: Mapped[float] = mapped_column(Float)
     train_loss: Mapped[float | None] = mapped_column(Float)
     bytes_up: Mapped[int] = mapped_column(Integer)
+    checkpoint_sha256: Mapped[str | None] = mapped_column(String(64))  # the global adapter after it
     committed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

@@ -209,6 +209,8 @@ def run(superlink: str = typer.Option("superlink:8000", help="SuperLink host:por
         min_institutions: int = typer.Option(0, min=0, help="Rounds go on with at least this many institutions' "
                                              "updates when others drop out (0 = all must answer)."),
         round_timeout: float = typer.Option(3600.0, min=1.0, help="Seconds a round waits for replies."),
+        resume: int = typer.Option(0, min=0, help="Resume this interrupted platform job from its last committed "
+                                   "round (its settings come from the platform DB; job options here are ignored)."),
         track: bool = typer.Option(True, "--track/--no-track", help="Record in the platform DB, ledger and MLflow.")) -> None:
     """Launch a federated DP-LoRA job on the deployed federation (`flwr run` of this project)."""
     from fedseek.config import JobConfig
@@ -227,12 +229,14 @@ def run(superlink: str = typer.Option("superlink:8000", help="SuperLink host:por
         if not sep or key not in flat and key not in _settable(job):
             _fail(f"--set {item!r}: expected section.field=value with a known field (e.g. optim.learning_rate=0.01)")
         flat[key] = _parse_value(value)
+    if resume and not track:
+        _fail("--resume continues a platform job: it cannot be combined with --no-track")
     directory = app_dir or app_directory()
     with tempfile.TemporaryDirectory() as home:
         write_flwr_config(Path(home), FEDERATION, superlink, _existing(ca, "CA"))
         run_config = Path(home) / "run.toml"
         run_config.write_text(f"job = {json.dumps(json.dumps(flat))}\nplatform-track = {str(track).lower()}\n"
-                              f"census-timeout = {census_timeout}\n")
+                              f"census-timeout = {census_timeout}\nresume-job = {resume}\n")
         env = {**os.environ, "FLWR_HOME": home}
         returncode, run_id = _stream([_flwr(), "run", str(directory), FEDERATION, "--run-config", str(run_config),
                                       "--stream"], env)

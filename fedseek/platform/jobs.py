@@ -46,19 +46,55 @@ def run_job(job: JobConfig, inner=None, verbose: bool = False, track: bool = Tru
         raise
 
 
-def run_deployed(grid, job: JobConfig, census_timeout: float = 300.0, settings=None) -> dict:
+def resume_job(job_id: int, inner=None, verbose: bool = False, force: bool = False, settings=None,
+               **simulate_options) -> dict:
+    """Continue simulated job `job_id` from its last committed round (see fedseek.platform.resume)."""
+    from fedseek.aggregator.server_app import run_federation
+    from fedseek.platform.reporter import PlatformReporter
+    from fedseek.platform.resume import ResumeError, load_resume_point
+    from fedseek.platform.settings import load_settings
+    from fedseek.platform.simulation import simulate
+
+    settings = settings or load_settings()
+    point = load_resume_point(settings, job_id, force)
+    if point.runner != "simulate":
+        raise ResumeError(f"job {job_id} ran on the deployed federation: resume it there with "
+                          f"`fedseek deploy run --resume {job_id} --superlink ...`")
+    reporter = PlatformReporter(inner, settings)
+    reporter.attach(point)
+    try:
+        return simulate(point.job, reporter, verbose=verbose,
+                        run=lambda grid, job, rep: run_federation(grid, job, rep, resume=point), **simulate_options)
+    except BaseException as err:
+        reporter.fail(str(err) or type(err).__name__)
+        raise
+
+
+def run_deployed(grid, job: JobConfig, census_timeout: float = 300.0, settings=None, resume_job: int = 0) -> dict:
     """The ServerApp side of `fedseek deploy run`: census of the connected institutions, node
-    identity check, privacy pre-flight from the census counts, then the tracked federated job."""
+    identity check, privacy pre-flight from the census counts (or, with `resume_job`, the
+    interrupted job's state from the platform DB), then the tracked federated job."""
     from fedseek.aggregator.server_app import census, run_federation
     from fedseek.platform.nodes import verify_node_identities
     from fedseek.platform.reporter import PlatformReporter
+    from fedseek.platform.resume import load_resume_point
 
-    reporter = PlatformReporter(None, settings)
+    reporter = PlatformReporter(None, settings, runner="deploy")
+    point = load_resume_point(reporter.settings, resume_job) if resume_job else None
+    if point and point.runner != "deploy":
+        from fedseek.platform.resume import ResumeError
+
+        raise ResumeError(f"job {resume_job} was simulated: resume it with `fedseek jobs resume {resume_job}`")
+    job = point.job if point else job
     sites, node_ids = census(grid, job, census_timeout)
     verify_node_identities(reporter.db, node_ids)
-    reporter.preflight(job, sites)
+    if point:
+        reporter.attach(point)
+    else:
+        reporter.preflight(job, sites)
     try:
-        return run_federation(grid, job, reporter, sites=sites, nodes={n: name for name, n in node_ids.items()})
+        return run_federation(grid, job, reporter, sites=sites, nodes={n: name for name, n in node_ids.items()},
+                              resume=point)
     except BaseException as err:
         reporter.fail(str(err) or type(err).__name__)
         raise

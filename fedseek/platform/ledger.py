@@ -103,12 +103,12 @@ def check_budget(projections: list[Projection]) -> None:
 
 
 def commit_round(session: Session, job_id: int, row: dict, entries: list[dict], scope: str,
-                 clip: float, default_budget: float) -> None:
+                 clip: float, default_budget: float, checkpoint_sha256: str | None = None) -> None:
     """Add the round and its ledger entries to `session` (the caller's one transaction).
     `entries`: dicts with institution, kind, sigma, q, steps, delta."""
     session.add(Round(job_id=job_id, number=int(row["round"]), accuracy=float(row["accuracy"]),
                       loss=float(row["loss"]), train_loss=_finite(row.get("train_loss")),
-                      bytes_up=int(row.get("bytes_up", 0))))
+                      bytes_up=int(row.get("bytes_up", 0)), checkpoint_sha256=checkpoint_sha256))
     add_entries(session, job_id, int(row["round"]), entries, scope, clip, default_budget)
 
 
@@ -129,3 +129,13 @@ def add_entries(session: Session, job_id: int, round_number: int, entries: list[
 
 def _finite(value) -> float | None:
     return None if value is None or value != value else float(value)
+
+
+def epsilon_series(session: Session, names: list[str]) -> tuple[dict[str, list[tuple[int, float]]], dict[str, float]]:
+    """Per institution: (entry number, epsilon after it) over its whole ledger, and its budget."""
+    series, budgets = {}, {}
+    for inst in session.scalars(select(Institution).where(Institution.name.in_(names))):
+        entries = session.scalars(select(LedgerEntry).filter_by(institution_id=inst.id).order_by(LedgerEntry.id)).all()
+        series[inst.name] = [(i + 1, e.epsilon_after) for i, e in enumerate(entries)]
+        budgets[inst.name] = inst.epsilon_max
+    return series, budgets

@@ -10,9 +10,11 @@ from pathlib import Path
 
 from fedseek.aggregator.server_app import StopFederation
 from fedseek.platform import ledger, plots
-from fedseek.platform.db import (AdapterVersion, Job, LedgerEntry, Period, get_or_create_task, session_scope,
+from fedseek.platform.checkpoints import checkpoint_path, crash_point, save_checkpoint
+from fedseek.platform.db import (AdapterVersion, Job, Period, get_or_create_task, session_scope,
                                  utcnow)
 from fedseek.platform.registry import model_name
+from fedseek.platform.resume import owner
 from fedseek.platform.settings import PlatformSettings, load_settings
 from fedseek.platform.tracking import Outbox, flush_all
 from fedseek.privacy.ledger_math import Release, institution_epsilon
@@ -50,14 +52,16 @@ class PlatformReporter:
     """Each start..finish cycle is one platform job (a continual-learning run calls it once per
     period): its own DB row, pre-flight check, MLflow parent run and registered version."""
 
-    def __init__(self, inner=None, settings: PlatformSettings | None = None):
-        self.inner, self.settings = inner, settings or load_settings()
+    def __init__(self, inner=None, settings: PlatformSettings | None = None, runner: str = "simulate"):
+        self.inner, self.settings, self.runner = inner, settings or load_settings(), runner
         self.db = self.settings.database_url
         self.job_id: int | None = None
         self.finished = False
         self.outbox: Outbox | None = None
         self.steps_seen: dict[tuple[str, str], int] = {}
         self.rows: list[dict] = []
+        self.resumed = None  # the ResumePoint of a resumed job
+        self.checkpoint_sha256: dict[int, str] = {}  # round -> digest of its written checkpoint
 
     # -- before Ray starts -------------------------------------------------------------------
     def preflight(self, job, data) -> list[ledger.Projection]:
@@ -72,7 +76,7 @@ class PlatformReporter:
             if scope != "all" and not any(p.name == scope for p in task.periods):
                 session.add(Period(task_id=task.id, name=scope, position=len(task.periods)))
             row = Job(task_id=task.id, data_scope=scope, status="running", config_json=json.dumps(job.to_flat()),
-                      planned_rounds=job.federation.rounds)
+                      planned_rounds=job.federation.rounds, runner=self.runner, owner=owner())
             session.add(row)
             session.flush()
             self.job_id, self.finished = row.id, False
@@ -85,12 +89,21 @@ class PlatformReporter:
 
     # -- Reporter protocol ----------------------------------------------------------------------
     def start(self, job, data, initial) -> None:
+        if self.resumed is not None:
+            return self._restart(job, data, initial)
         if self.job_id is None or self.finished:  # not pre-flighted yet, or the next period's job
             self.preflight(job, data)
         self.job, self.task = job, data.task
         self.steps_seen, self.rows = {}, []
         self.outbox = Outbox(self.settings.outbox_dir, f"job-{self.job_id:06d}")
         self._flush()  # older journals first, so versions keep their order
+        self._open_runs(job, data)
+        self._metrics("job", 0, _finite({"accuracy": initial["accuracy"], "loss": initial["loss"]}))
+        self._flush()
+        if self.inner:
+            self.inner.start(job, data, initial)
+
+    def _open_runs(self, job, data) -> None:
         params = {"sigma": job.privacy.noise_multiplier, "q": job.optim.batch_fraction,
                   "clip": job.privacy.clip_norm, "target_epsilon": job.privacy.target_epsilon,
                   "delta": job.privacy.delta, "dp": job.privacy.enabled, "rounds": job.federation.rounds,
@@ -104,27 +117,59 @@ class PlatformReporter:
             self.outbox.append("run", key=f"institution:{name}", parent="job", experiment=data.task,
                                name=name, tags={"fedseek.institution": name})
             self.outbox.append("params", key=f"institution:{name}", params={"records": len(records)})
-        self._metrics("job", 0, _finite({"accuracy": initial["accuracy"], "loss": initial["loss"]}))
+
+    def attach(self, point) -> None:
+        """Continue the interrupted job of `point` (a resume.ResumePoint) instead of a new one."""
+        self.resumed, self.job_id, self.finished = point, point.job_id, False
+        self.steps_seen, self.rows = dict(point.steps), list(point.rows)
+        with session_scope(self.db) as session:
+            row = session.get(Job, point.job_id)
+            row.status, row.owner, row.finished_at = "running", owner(), None
+            row.message = f"resumed after round {point.committed}"
+
+    def _restart(self, job, data, initial) -> None:
+        """The resumed job's MLflow runs: the same ones, reopened; rounds committed but not yet
+        journalled (a crash right after the commit) are journalled from the DB now."""
+        self.job, self.task = job, data.task
+        self.outbox = Outbox(self.settings.outbox_dir, f"job-{self.job_id:06d}")
+        ops = self.outbox.ops()
+        if any(op["op"] == "run" for op in ops):  # its journal is still here
+            self.outbox.append("reopen", keys=["job"] + [f"institution:{n}" for n in data.institutions])
+            logged = {op["step"] for op in ops if op["op"] == "metrics" and op["key"] == "job"}
+            for row in self.rows:
+                if row["round"] not in logged:
+                    self._round_metrics(row)
+        elif self.resumed.mlflow_run_id:  # journal sent and removed (a failed job): every round is in MLflow
+            self.outbox.append("attach", key="job", run_id=self.resumed.mlflow_run_id)
+        else:
+            self._open_runs(job, data)
+            for row in self.rows:
+                self._round_metrics(row)
         self._flush()
         if self.inner:
             self.inner.start(job, data, initial)
 
+    def checkpoint(self, round_number: int, tensors: dict) -> None:
+        """Write the global adapter after `round_number` (before the round is committed)."""
+        path = checkpoint_path(self.settings.checkpoint_dir, self.job_id, round_number)
+        self.checkpoint_sha256[round_number] = save_checkpoint(path, tensors)
+        crash_point("after-checkpoint")
+
     def round(self, row: dict) -> None:
         entries = self._ledger_entries(row)
-        with session_scope(self.db) as session:  # the round and its ledger entries: one transaction
+        with session_scope(self.db) as session:  # the round, its ledger entries and checkpoint digest
             ledger.commit_round(session, self.job_id, row, entries, data_scope(self.job),
-                                self.job.privacy.clip_norm, self.settings.default_epsilon_max)
+                                self.job.privacy.clip_norm, self.settings.default_epsilon_max,
+                                self.checkpoint_sha256.get(int(row["round"])))
+            session.flush()
+            crash_point("in-commit")  # everything written, not yet committed
+        crash_point("after-commit")
         self.rows.append(row)
-        step = int(row["round"])
-        self._metrics("job", step, _finite({k: row.get(k) for k in ("accuracy", "loss", "train_loss", "bytes_up")}))
-        for client in row.get("clients", []):
-            self._metrics(f"institution:{client['institution']}", step, _finite({
-                k: client.get(k) for k in ("epsilon", "epsilon_rdp", "train_loss_last", "noise_multiplier",
-                                           "sample_rate", "steps", "num_examples")}))
+        self._round_metrics(row)
         self._flush()
         if self.inner:
             self.inner.round(row)
-        if step < self.job.federation.rounds and entries:
+        if int(row["round"]) < self.job.federation.rounds and entries:
             self._stop_if_next_round_exceeds(entries)
 
     def finish(self, report: dict) -> None:
@@ -195,6 +240,14 @@ class PlatformReporter:
                     raise StopJob(f"stopped before round {len(self.rows) + 1}: institution "
                                   f"{inst.name!r} would reach epsilon {nxt:.3f} > budget {inst.epsilon_max:g}")
 
+    def _round_metrics(self, row: dict) -> None:
+        step = int(row["round"])
+        self._metrics("job", step, _finite({k: row.get(k) for k in ("accuracy", "loss", "train_loss", "bytes_up")}))
+        for client in row.get("clients", []):
+            self._metrics(f"institution:{client['institution']}", step, _finite({
+                k: client.get(k) for k in ("epsilon", "epsilon_rdp", "train_loss_last", "noise_multiplier",
+                                           "sample_rate", "steps", "num_examples")}))
+
     def _metrics(self, key: str, step: int, values: dict) -> None:
         self.outbox.append("metrics", key=key, step=step, metrics=values)
 
@@ -205,7 +258,8 @@ class PlatformReporter:
                            artifact_path="adapter")
         plot_dir = self.outbox.files / "plots"
         files = [plots.curves(report["rounds"], plot_dir / "curves.png")] if report["rounds"] else []
-        series, budgets = self._epsilon_series(report["institutions"])
+        with session_scope(self.db) as session:
+            series, budgets = ledger.epsilon_series(session, report["institutions"])
         if any(series.values()):
             files.append(plots.epsilon_over_time(series, budgets, plot_dir / "epsilon.png"))
         matrix = (report.get("cl") or {}).get("accuracy_matrix")
@@ -214,20 +268,6 @@ class PlatformReporter:
                                                (report.get("cl") or {}).get("periods")))
         for path in files:
             self.outbox.append("artifact", key="job", path=str(path), artifact_path="plots")
-
-    def _epsilon_series(self, names: list[str]):
-        from sqlalchemy import select
-
-        from fedseek.platform.db import Institution
-
-        series, budgets = {}, {}
-        with session_scope(self.db) as session:
-            for inst in session.scalars(select(Institution).where(Institution.name.in_(names))):
-                entries = session.scalars(select(LedgerEntry).filter_by(institution_id=inst.id)
-                                          .order_by(LedgerEntry.id)).all()
-                series[inst.name] = [(i + 1, e.epsilon_after) for i, e in enumerate(entries)]
-                budgets[inst.name] = inst.epsilon_max
-        return series, budgets
 
     def _version_tags(self, report: dict) -> dict:
         tags = {"accuracy": report["final_accuracy"], "job_id": self.job_id,

@@ -3,7 +3,7 @@ variable `FEDSEEK_<FIELD>` (e.g. `FEDSEEK_DB_URL`), else the default below.
 
 | variable | default | meaning |
 |---|---|---|
-| FEDSEEK_HOME | ~/.fedseek | platform state: DB, local MLflow store, tracking outbox |
+| FEDSEEK_HOME | ~/.fedseek | platform state: DB, local MLflow store, tracking outbox, round checkpoints |
 | FEDSEEK_DB_URL | sqlite:///$FEDSEEK_HOME/fedseek.db | platform DB (`postgresql+psycopg://...` in deployment) |
 | FEDSEEK_MLFLOW_URI | sqlite:///$FEDSEEK_HOME/mlflow.db | MLflow tracking + registry (`http://host:5000` in deployment) |
 | FEDSEEK_MLFLOW_ARTIFACTS | $FEDSEEK_HOME/mlartifacts | artifact root of the local store and of `fedseek dashboard` |
@@ -52,6 +52,10 @@ class PlatformSettings(BaseSettings):
     @property
     def outbox_dir(self) -> Path:
         return self.home_dir / "outbox"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.home_dir / "checkpoints"
 
 
 def _expand_sqlite(url: str) -> str:

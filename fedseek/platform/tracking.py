@@ -154,6 +154,19 @@ def _apply(client, op: dict, state: dict, artifact_root: Path | None, tracking_u
             client.log_artifacts(runs[op["key"]], str(path), op.get("artifact_path"))
         else:
             client.log_artifact(runs[op["key"]], str(path), op.get("artifact_path"))
+    elif kind == "reopen":  # a resumed job continues in its runs
+        for key in op["keys"]:
+            if key in runs:
+                client.update_run(runs[key], status="RUNNING")
+    elif kind == "attach":  # a resumed job whose journal was already sent: find its runs again
+        runs[op["key"]] = op["run_id"]
+        client.update_run(op["run_id"], status="RUNNING")
+        parent = client.get_run(op["run_id"])
+        for child in client.search_runs([parent.info.experiment_id],
+                                        f"tags.mlflow.parentRunId = '{op['run_id']}'"):
+            if "fedseek.institution" in child.data.tags:
+                runs[f"institution:{child.data.tags['fedseek.institution']}"] = child.info.run_id
+                client.update_run(child.info.run_id, status="RUNNING")
     elif kind == "close":
         pass  # the job has ended: nothing more will be appended
     elif kind == "end":
