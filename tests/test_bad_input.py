@@ -98,3 +98,18 @@ def test_label_drift_between_periods_is_logged(caplog):
     assert "label drift: the data is used as is" in caplog.text
     steady = np.array([0, 1, 2, 0] * 10)
     assert label_drift(steady, periods, names) == []
+
+
+def test_period_planning_logs_label_drift_in_time_order_not_file_order(caplog):
+    from fedseek.data.loader import LabelledTexts
+    from fedseek.data.periods import plan_periods
+
+    # the file lists 2024Q2 (card, fraud) before 2024Q1 (card only): fraud is new in Q2
+    pool = LabelledTexts([f"t{i}" for i in range(40)], np.array([0, 2] * 10 + [0] * 20), ["card", "loan", "fraud"],
+                         periods=["2024Q2"] * 20 + ["2024Q1"] * 20, source="bank_b.csv")
+    loader._warned.clear()
+    with caplog.at_level(logging.WARNING, logger="fedseek"):
+        periods = plan_periods("column", pool)
+    assert [p.name for p in periods] == ["2024Q1", "2024Q2"]
+    assert "bank_b.csv: period 2024Q2: new labels ['fraud']; label distribution moved 0.50" in caplog.text
+    assert "no records of" not in caplog.text

@@ -193,12 +193,12 @@ def _warn_duplicates(path: Path, texts: list[str], lines: list[int]) -> None:
 
 
 def label_drift(labels: np.ndarray, period_keys: list[str], label_names: list[str],
-                source: str = "", threshold: float = 0.3) -> list[str]:
-    """Policy for label drift between data periods (in time order): the data is used as is, and a
-    warning is logged for each period that has labels no earlier period had, lacks labels that
-    the first period had, or whose label distribution is more than `threshold` (total variation)
-    from the previous period's. Returns the warnings."""
-    order = list(dict.fromkeys(k for k in period_keys if k))
+                source: str = "", threshold: float = 0.3, order: list[str] | None = None) -> list[str]:
+    """Policy for label drift between data periods in time order (`order`; default: sorted keys):
+    the data is used as is, and a warning is logged for each period that has labels no earlier
+    period had, lacks labels that the first period had, or whose label distribution is more than
+    `threshold` (total variation) from the previous period's. Returns the warnings."""
+    order = list(order) if order is not None else sorted({k for k in period_keys if k})
     keys = np.asarray(period_keys, dtype=object)
     counts = [Counter(np.asarray(labels)[keys == k].tolist()) for k in order]
     warnings, seen = [], set(counts[0]) if counts else set()

@@ -10,6 +10,9 @@
   by value (ISO dates `2024-03-31`, quarters `2024Q1` and years sort correctly); `--period-freq
   year|quarter` first maps ISO dates to years or quarters.
 
+Label drift between time periods (new or vanished labels, a moved label distribution) is logged
+per period and the data used as is (`loader.label_drift`).
+
 Institutions keep the same records across periods: the whole pool is partitioned once, then each
 institution's share is sliced by period.
 """
@@ -21,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedseek.data.loader import DataError, LabelledTexts
+from fedseek.data.loader import DataError, LabelledTexts, label_drift
 from fedseek.data.partition import stratified_split
 
 logger = logging.getLogger("fedseek")
@@ -89,6 +92,8 @@ def plan_periods(scheme: str, pool: LabelledTexts, groups: int = 3, freq: str = 
         logger.warning("%s: %d records have no period value and are left out", pool.source, missing)
     if len(keys) < 2:
         raise DataError(f"{pool.source}: continual learning needs at least 2 periods, found {keys}")
+    label_drift(pool.labels, [_period_key(p, scheme, freq) for p in pool.periods], pool.label_names,
+                pool.source, order=keys)  # policy: used as is, drift logged per period
     return [Period(k, None) for k in keys]
 
 
