@@ -36,19 +36,21 @@ def _merge(history: Iterable[tuple[float, float, int]]) -> History:
 
 def epsilon(history: Iterable[tuple[float, float, int]], delta: float, method: str = "prv") -> float:
     """epsilon at `delta` after every release in `history` (0.0 for an empty history)."""
-    entries = _merge(history)
+    if method not in ("prv", "rdp"):
+        raise ValueError(f"unknown accountant {method!r}; use 'prv' or 'rdp'")
+    return _epsilon(tuple(_merge(history)), float(delta), method)
+
+
+@lru_cache(maxsize=256)  # institutions with equal (sigma, q, steps, delta) share one computation
+def _epsilon(entries: tuple[tuple[float, float, int], ...], delta: float, method: str) -> float:
     if not entries:
         return 0.0
     if any(sigma <= 0 for sigma, _, _ in entries):
         return math.inf
+    accountant = RDPAccountant() if method == "rdp" else PRVAccountant()
+    accountant.history = list(entries)
     if method == "rdp":
-        accountant = RDPAccountant()
-        accountant.history = entries
         return float(accountant.get_epsilon(delta))
-    if method != "prv":
-        raise ValueError(f"unknown accountant {method!r}; use 'prv' or 'rdp'")
-    accountant = PRVAccountant()
-    accountant.history = entries
     return float(accountant.get_epsilon(delta, eps_error=0.001))
 
 
