@@ -124,13 +124,14 @@ def main() -> None:
     p.add_argument("--memory-counts", type=int, nargs="+", default=[1, 10, 100, 300, 1000])
     p.add_argument("--dp-clients", type=int, nargs="+", default=[3, 30])
     p.add_argument("--reuse", action="store_true", help="keep the rows of the saved JSON, run only missing ones")
+    p.add_argument("--rerun-dp", action="store_true", help="with --reuse: run the DP rows again (kept: the others)")
     a = p.parse_args()
     saved = json.loads((RESULTS / "scale.json").read_text()) if a.reuse and (RESULTS / "scale.json").is_file() else {}
     shapes = adapter_shapes()
     adapter_bytes = 4 * sum(int(np.prod(s)) for s in shapes.values())
     state = {"command": "python bench/scale.py", "adapter_float32_bytes": adapter_bytes, "args": vars(a),
              "aggregation_memory": saved.get("aggregation_memory") or aggregation_memory(shapes, a.memory_counts),
-             "throughput": saved.get("throughput", []), "accountant": saved.get("accountant") or accountant_seconds()}
+             "throughput": [r for r in saved.get("throughput", []) if not (a.rerun_dp and r.get("dp", True))], "accountant": saved.get("accountant") or accountant_seconds()}
     write_json("scale", state)
     for n, dp in [(n, False) for n in a.clients] + [(n, True) for n in a.dp_clients]:
         if not any(r["clients"] == n and r.get("dp", True) == dp for r in state["throughput"]):

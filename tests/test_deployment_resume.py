@@ -1,0 +1,90 @@
+"""Coordinator fault in a real deployment (issue 7 item 2): the ServerApp process of a running
+3-round DP job is SIGKILLed once round 1 is committed; `fedseek deploy run --resume 1` continues the
+same platform job on the same federation (TLS, SuperNode authentication, Ray site workers): every
+round is committed once, each institution is charged once per round, the job ends `finished`.
+The federation is `LocalFederation` (real flower-superlink / flower-supernode / flower-superexec
+processes on 127.0.0.1), stopped at the end."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+from sqlalchemy import create_engine, text
+
+from fedseek.platform.deploy_local import LocalFederation, deploy_command, write_demo_sites
+
+SITES = ("bank_a", "bank_b", "bank_c")
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    root = tmp_path_factory.mktemp("deploy-resume")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "FEDSEEK_HOME": str(root / "home"),
+           "FEDSEEK_DB_URL": f"sqlite:///{root / 'platform.db'}", "FEDSEEK_DEFAULT_EPSILON_MAX": "20",
+           "FEDSEEK_MLFLOW_URI": f"sqlite:///{root / 'mlflow.db'}", "FEDSEEK_TORCH_THREADS": "1",
+           "OMP_NUM_THREADS": "1"}
+    fed = LocalFederation(root, env)
+    try:
+        fed.start(write_demo_sites(root, SITES, 160))
+        yield fed
+    finally:
+        fed.stop()
+
+
+def db_state(url: str) -> tuple[str | None, list[int], list[tuple[str, int]]]:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as db:
+            if not db.dialect.has_table(db, "jobs"):
+                return None, [], []
+            status = db.execute(text("SELECT status FROM jobs WHERE id = 1")).scalar()
+            rounds = [r for (r,) in db.execute(text("SELECT number FROM rounds WHERE job_id = 1 ORDER BY number"))]
+            ledger = [tuple(r) for r in db.execute(text(
+                "SELECT i.name, l.round_number FROM privacy_ledger l JOIN institutions i ON i.id = l.institution_id "
+                "ORDER BY i.name, l.round_number"))]
+            return status, rounds, ledger
+    finally:
+        engine.dispose()
+
+
+def test_a_killed_serverapp_is_resumed_on_the_deployment(federation):
+    root, env = federation.root, federation.env
+    job = ["--superlink", federation.superlink, "--ca", "certs/ca.crt", "--census-timeout", "300"]
+    first = subprocess.Popen(deploy_command("run", *job, "--institutions", "3", "--rounds", "3", "--local-steps", "2",
+                                            "--epsilon", "4", "--out", str(root / "job")),
+                             env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+    superexec = psutil.Process(federation.processes[1].pid)  # the ServerApp SuperExec (LocalFederation.start)
+    assert "flower-superexec" in " ".join(superexec.cmdline()) and "clientapp" not in " ".join(superexec.cmdline())
+    killed = []
+    try:
+        deadline = time.monotonic() + 1500
+        while not db_state(env["FEDSEEK_DB_URL"])[1] and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert db_state(env["FEDSEEK_DB_URL"])[1][:1] == [1], first.communicate()[0][-3000:] if first.poll() else ""
+        for child in superexec.children(recursive=True):  # the run's ServerApp process(es)
+            killed.append(" ".join(child.cmdline())[:200])
+            child.kill()
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert killed, "no ServerApp process found under the SuperExec"
+    status, rounds, _ = db_state(env["FEDSEEK_DB_URL"])
+    assert status == "running" and 1 <= len(rounds) < 3, (status, rounds)
+
+    resumed = subprocess.run(deploy_command("run", *job, "--resume", "1"), env=env, cwd=root,
+                             capture_output=True, text=True, timeout=1800)
+    logs = federation.log("serverapp")[-3000:]
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-2000:] + logs
+    status, rounds, ledger = db_state(env["FEDSEEK_DB_URL"])
+    assert status == "finished" and rounds == [1, 2, 3]
+    assert ledger == [(name, r) for name in SITES for r in (1, 2, 3)]  # charged once per round
+    report = json.loads((root / "job" / "report.json").read_text())
+    assert report["resumed_after_round"] >= 1
+    assert [r["round"] for r in report["rounds"]] == [1, 2, 3]
+    assert 0 < max(report["epsilon"].values()) <= 4.0
