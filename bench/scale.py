@@ -84,7 +84,10 @@ def throughput(clients: int, rounds: int, rows_per_client: int, steps: int, dp: 
         proc = subprocess.run(
             [sys.executable, "-m", "fedseek", "simulate", "--institutions", str(clients), "--rounds", str(rounds),
              "--local-steps", str(steps), "--max-train-rows", str(rows_per_client * clients), "--out", out]
-            + ([] if dp else ["--no-dp"]), capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            + ([] if dp else ["--no-dp"]), capture_output=True, text=True,
+            # tracked as a user's job is, into a platform home of its own (never this machine's ledger)
+            env={**os.environ, "PYTHONWARNINGS": "ignore", "FEDSEEK_HOME": str(Path(out) / "home"),
+                 "FEDSEEK_DB_URL": "", "FEDSEEK_MLFLOW_URI": ""})
         wall = time.time() - started
         if proc.returncode:
             raise RuntimeError(proc.stdout[-2000:] + proc.stderr[-2000:])

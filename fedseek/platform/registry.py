@@ -15,6 +15,22 @@ def model_name(task: str) -> str:
     return f"fedseek-{task}"
 
 
+def version_tags(report: dict, job_id: int, scope: str) -> dict:
+    """The tags a registered adapter version carries: accuracy, privacy figures, recipe, lineage."""
+    tags = {"accuracy": report["final_accuracy"], "job_id": job_id,
+            "epsilon": json.dumps({k: round(v, 4) for k, v in (report.get("epsilon") or {}).items()}),
+            "delta": report.get("delta"), "sigma": report.get("noise_multiplier"), "q": report.get("sampling_rate"),
+            "steps": report.get("steps"), "clip": report.get("clip_norm"), "lora_rank": report.get("lora_rank"),
+            "base_model_sha256": report.get("base_model_sha256"), "data_scope": scope}
+    cl = report.get("cl") or {}
+    if cl.get("accuracy_matrix"):
+        from fedseek.continual.metrics import backward_transfer, forgetting
+
+        tags["forgetting"] = cl.get("forgetting", forgetting(cl["accuracy_matrix"]))
+        tags["bwt"] = cl.get("bwt", backward_transfer(cl["accuracy_matrix"]))
+    return {k: v for k, v in tags.items() if v is not None}
+
+
 def register(client, name: str, run_id: str, artifact_path: str, tags: dict) -> str:
     """New version of `name` from the run's `artifact_path`, aliased `candidate`; its version."""
     from mlflow.exceptions import MlflowException

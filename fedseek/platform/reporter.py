@@ -13,7 +13,7 @@ from fedseek.platform import ledger, plots
 from fedseek.platform.checkpoints import checkpoint_path, crash_point, save_checkpoint
 from fedseek.platform.db import (AdapterVersion, Job, Period, get_or_create_task, session_scope,
                                  utcnow)
-from fedseek.platform.registry import model_name
+from fedseek.platform.registry import model_name, version_tags
 from fedseek.platform.resume import owner
 from fedseek.platform.settings import PlatformSettings, load_settings
 from fedseek.platform.tracking import Outbox, flush_all
@@ -188,7 +188,7 @@ class PlatformReporter:
                 ledger.add_entries(session, self.job_id, len(self.rows), fisher, data_scope(self.job),
                                    self.job.privacy.clip_norm, self.settings.default_epsilon_max)
         self._log_artifacts(report, out)
-        tags = self._version_tags(report)
+        tags = version_tags(report, self.job_id, data_scope(self.job))
         self.outbox.append("register", key="job", model=model_name(self.task), artifact_path="adapter",
                            tags=tags, db_url=self.db, adapter_version_id=version_id)
         if self.settings.auto_promote and not stopped:
@@ -268,21 +268,6 @@ class PlatformReporter:
                                                (report.get("cl") or {}).get("periods")))
         for path in files:
             self.outbox.append("artifact", key="job", path=str(path), artifact_path="plots")
-
-    def _version_tags(self, report: dict) -> dict:
-        tags = {"accuracy": report["final_accuracy"], "job_id": self.job_id,
-                "epsilon": json.dumps({k: round(v, 4) for k, v in (report.get("epsilon") or {}).items()}), "delta": report.get("delta"),
-                "sigma": report.get("noise_multiplier"), "q": report.get("sampling_rate"),
-                "steps": report.get("steps"), "clip": report.get("clip_norm"),
-                "lora_rank": report.get("lora_rank"), "base_model_sha256": report.get("base_model_sha256"),
-                "data_scope": data_scope(self.job)}
-        cl = report.get("cl") or {}
-        if cl.get("accuracy_matrix"):
-            from fedseek.continual.metrics import backward_transfer, forgetting
-
-            tags["forgetting"] = cl.get("forgetting", forgetting(cl["accuracy_matrix"]))
-            tags["bwt"] = cl.get("bwt", backward_transfer(cl["accuracy_matrix"]))
-        return {k: v for k, v in tags.items() if v is not None}
 
     def fail(self, message: str) -> None:
         """Mark the job failed (the federation raised); its committed rounds stay in the ledger."""
