@@ -55,6 +55,7 @@ class LocalFederation:
         self.env = {**env, "FLWR_HOME": str(self.root / "flwr"), "RAY_ADDRESS": "",
                     "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}"}
         self.processes: list[subprocess.Popen] = []
+        self.named: dict[str, tuple[list[str], subprocess.Popen]] = {}  # name -> (command, process)
 
     # -- processes ----------------------------------------------------------------------------
     def run(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -67,7 +68,38 @@ class LocalFederation:
             proc = subprocess.Popen(command, env=self.env, cwd=self.root, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True)
         self.processes.append(proc)
+        self.named[name] = (command, proc)
         return proc
+
+    def kill(self, name: str) -> None:
+        """SIGKILL a component's whole process group (a crashed machine: no clean shutdown)."""
+        _, proc = self.named[name]
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    def restart(self, name: str, timeout: float = 300, settle: float = 15) -> subprocess.Popen:
+        """Start a killed component again with the same command, retrying while it exits at once, as
+        the compose restart policy does (a SuperLink refuses a node's key while it still counts the
+        crashed node as online: until its heartbeat expires). Returns the process that stayed up."""
+        command, _ = self.named[name]
+        deadline = time.monotonic() + timeout
+        while True:
+            with (self.root / "logs" / f"{name}.log").open("a") as log:
+                proc = subprocess.Popen(command, env=self.env, cwd=self.root, stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+            self.processes.append(proc)
+            self.named[name] = (command, proc)
+            try:
+                proc.wait(timeout=settle)
+            except subprocess.TimeoutExpired:
+                return proc
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} did not stay up within {timeout:.0f}s: {self.log(name)[-2000:]}")
+            time.sleep(5)
+
+    def pause(self, name: str, paused: bool = True) -> None:
+        """SIGSTOP / SIGCONT a component's process group: a machine that hangs without failing."""
+        os.killpg(self.named[name][1].pid, signal.SIGSTOP if paused else signal.SIGCONT)
 
     def log(self, name: str) -> str:
         return (self.root / "logs" / f"{name}.log").read_text()
@@ -121,6 +153,7 @@ class LocalFederation:
     def stop(self) -> None:
         for proc in reversed(self.processes):
             if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGCONT)  # a paused one could not act on SIGTERM
                 os.killpg(proc.pid, signal.SIGTERM)
         for proc in reversed(self.processes):
             try:
