@@ -15,6 +15,8 @@ and are evaluated on the task's global test set.
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 import numpy as np
 
@@ -60,7 +62,11 @@ def main() -> None:
         return
     common = dict(task=a.task, partition="dirichlet", alpha=a.alpha, rounds=a.rounds,
                   local_steps=a.local_steps, seed=a.seed)
-    rows = []
+    name = f"utility_{a.task}"
+    saved_path = Path(__file__).parent / "results" / f"{name}.json"
+    # --only adds/replaces those settings; the other rows of the saved JSON are kept
+    rows = ([r for r in json.loads(saved_path.read_text())["rows"] if r["setting"] not in a.only]
+            if a.only and saved_path.is_file() else [])
 
     def record(name: str, dp: bool, epsilon: float | None, results: list[dict]) -> None:
         acc = [r["final_accuracy"] for r in results]
@@ -70,8 +76,6 @@ def main() -> None:
                      "train_rows": [n for r in results for n in r["train_rows"]],
                      "wall_s": float(sum(r["wall_s"] for r in results))})
         print(rows[-1], flush=True)
-
-    name = f"utility_{a.task}"
 
     def save(goals=None) -> None:  # after every row: an interrupted run still leaves its rows
         only = " --only " + " ".join(f'"{o}"' for o in a.only) if a.only else ""

@@ -60,6 +60,7 @@ class FederationSettings:
     study: str = ""  # a comparison arm's name: its institutions keep a separate privacy history
     min_institutions: int = 0  # a round completes with this many updates (0 = all institutions)
     round_timeout: float = 3600.0  # seconds a round waits for replies before going on without them
+    rejoin_wait: float = 30.0  # with min_institutions: seconds a round start waits for offline institutions
 
 
 @dataclass

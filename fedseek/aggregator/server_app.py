@@ -7,6 +7,7 @@ each round; saves the final adapter in PEFT format and writes report.json.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass, replace
@@ -24,6 +25,9 @@ from fedseek.data.tasks import FederatedData, load_federated_data
 from fedseek.models.classifier import AdapterClassifier
 from fedseek.models.loading import base_model_bytes, base_model_hash, resolve_base
 from fedseek.models.lora import load_trainable_state, trainable_state
+
+
+logger = logging.getLogger("fedseek")
 
 
 class Reporter(Protocol):
@@ -72,7 +76,8 @@ def run_federation(grid: Grid, job: JobConfig, reporter: Reporter | None = None,
     initial_arrays = ArrayRecord({k: Array(v.numpy()) for k, v in trainable_state(classifier.model).items()})
     reporter.start(job, sites or data, initial)
     strategy = AdapterFedAvg(job.federation.institutions, job.compression, robust=job.robust,
-                             node_names=nodes, min_institutions=job.federation.min_institutions)
+                             node_names=nodes, min_institutions=job.federation.min_institutions,
+                             rejoin_wait=job.federation.rejoin_wait)
     rows: list[dict] = list(resume.rows) if resume else []
     checkpoint = getattr(reporter, "checkpoint", None)
 
@@ -184,22 +189,27 @@ def census(grid: Grid, job: JobConfig, timeout: float = 300.0) -> tuple[Federate
     institution -> node id. Counts are all that is revealed (they are sent with every update)."""
     data = load_federated_data(**data_arguments(job))
     deadline = time.time() + timeout
+    # all of the job's institutions, or with `min_institutions` at least that many after the timeout
+    wanted, needed = job.federation.institutions, job.federation.min_institutions or job.federation.institutions
     nodes = list(grid.get_node_ids())
-    while len(nodes) < job.federation.institutions and time.time() < deadline:
+    while len(nodes) < wanted and time.time() < deadline:
         time.sleep(1.0)
         nodes = list(grid.get_node_ids())
-    if len(nodes) < job.federation.institutions:
-        raise CensusError(f"{len(nodes)} of {job.federation.institutions} institutions connected after "
-                          f"{timeout:.0f}s; check their SuperNodes")
+    if len(nodes) < needed:
+        raise CensusError(f"{len(nodes)} of {wanted} institutions connected after {timeout:.0f}s (the job needs "
+                          f"{needed}); check their SuperNodes")
     config = ConfigRecord({**job.to_flat(), "label-names": list(data.label_names)})
     messages = [Message(RecordDict({"config": config}), dst_node_id=node, message_type="query.census")
                 for node in nodes]
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     answered = [r for r in replies if not r.has_error()]
     failed = [f"node {r.metadata.src_node_id}: {r.error.reason}" for r in replies if r.has_error()]
-    if len(answered) < job.federation.institutions:  # a registered node that is offline is skipped
-        raise CensusError(f"census: {len(answered)} of the {job.federation.institutions} institutions the job "
-                          f"needs answered ({len(nodes)} asked); " + ("; ".join(failed) or "no error replies"))
+    if len(answered) < needed:  # a registered node that is offline is skipped
+        raise CensusError(f"census: {len(answered)} of the {wanted} institutions the job needs answered "
+                          f"(at least {needed}; {len(nodes)} asked); " + ("; ".join(failed) or "no error replies"))
+    if len(answered) < wanted:
+        logger.warning("census: %d of %d institutions answered; the job goes on with them (--min-institutions "
+                       "%d): %s", len(answered), wanted, needed, "; ".join(failed) or "others silent")
     sites = sorted((str(r.content["site"]["institution"]), int(r.metadata.src_node_id),
                     int(r.content["metrics"]["num-examples"])) for r in answered)
     names = [name for name, _, _ in sites]

@@ -11,6 +11,7 @@ it spent is still charged); a delta above the server clip norm is scaled down an
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable
 import logging
 
@@ -33,15 +34,16 @@ class AdapterFedAvg(FedAvg):
     def __init__(self, institutions: int, compression: CompressionSettings | None = None,
                  extra_records: dict[str, ArrayRecord] | None = None,
                  robust: RobustSettings | None = None, node_names: dict[int, str] | None = None,
-                 min_institutions: int = 0):
+                 min_institutions: int = 0, rejoin_wait: float = 0.0):
         # rounds start once `min_institutions` (default: all) are connected, and go on with the
         # replies that arrive within the round timeout: at least `min_institutions` (default: one)
-        self.min_institutions = min_institutions
+        self.min_institutions, self.rejoin_wait = min_institutions, rejoin_wait
         super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=min_institutions or institutions,
                          min_available_nodes=min_institutions or institutions)
         # deployment: only the nodes the census identified (and the ledger pre-flighted) train
         self.node_names = node_names
         self.expected: set[int] = set()  # nodes sent a train message this round
+        self.outgoing: list[Message] = []
         self.dropped_log: dict[int, list[dict]] = {}  # round -> institutions that did not answer
         self.round_log: dict[int, list[dict]] = {}
         self.compression = compression or CompressionSettings()
@@ -52,14 +54,26 @@ class AdapterFedAvg(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self.sent = {k: v.numpy() for k, v in arrays.items()}
+        self._wait_for_rejoining(grid)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         if self.node_names is not None:
             messages = [m for m in messages if m.metadata.dst_node_id in self.node_names]
         self.expected = {int(m.metadata.dst_node_id) for m in messages}
+        self.outgoing = messages  # the grid gives each its message id when it sends it
         for message in messages:
             for key, record in self.extra_records.items():
                 message.content[key] = record
         return messages
+
+    def _wait_for_rejoining(self, grid: Grid) -> None:
+        """Rounds that may go on without some institutions first give offline ones `rejoin_wait`
+        seconds to come back (a restarted SuperNode is accepted again only once the SuperLink has
+        expired the crashed one's heartbeat, often exactly when the previous round ends)."""
+        if not (self.min_institutions and self.node_names and self.rejoin_wait > 0):
+            return
+        deadline = time.monotonic() + self.rejoin_wait
+        while not set(self.node_names) <= set(grid.get_node_ids()) and time.monotonic() < deadline:
+            time.sleep(1.0)
 
     def _update(self, msg: Message) -> tuple[dict[str, np.ndarray] | None, str | None]:
         """(the reply's update — a delta with compression, else full tensors —, or a rejection)."""
@@ -92,11 +106,14 @@ class AdapterFedAvg(FedAvg):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         valid, failed = self._check_and_log_replies(replies, is_train=True, validate=False)
-        answered = {int(m.metadata.src_node_id) for m in replies}
+        # an error reply may come from the SuperLink (e.g. node unavailable): name the node it was for
+        sent_to = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in self.outgoing if m.metadata.message_id}
+        origin = lambda m: sent_to.get(m.metadata.reply_to_message_id, int(m.metadata.src_node_id))  # noqa: E731
+        answered = {origin(m) for m in replies}
         dropped = [{"node_id": n, "institution": self._name(n), "reason": "no reply within the round timeout"}
                    for n in sorted(self.expected - answered)]
-        dropped += [{"node_id": int(m.metadata.src_node_id), "institution": self._name(m.metadata.src_node_id),
-                     "reason": m.error.reason} for m in failed]
+        dropped += [{"node_id": origin(m), "institution": self._name(origin(m)), "reason": m.error.reason}
+                    for m in failed]
         self.dropped_log[server_round] = dropped
         for drop in dropped:
             logger.warning("round %s: %s (node %s) dropped out: %s", server_round, drop["institution"],

@@ -206,9 +206,12 @@ def run(superlink: str = typer.Option("superlink:8000", help="SuperLink host:por
         set_: list[str] = typer.Option([], "--set", help="Any other job setting, section.field=value (repeat)."),
         app_dir: Path = typer.Option(None, help="The FedSeek project directory to run (default: this installation's)."),
         census_timeout: float = typer.Option(300.0, help="Seconds to wait for the institutions to connect."),
-        min_institutions: int = typer.Option(0, min=0, help="Rounds go on with at least this many institutions' "
-                                             "updates when others drop out (0 = all must answer)."),
+        min_institutions: int = typer.Option(0, min=0, help="The job starts with at least this many institutions "
+                                             "if the others do not answer the census in time, and rounds go on "
+                                             "with at least this many updates when others drop out (0 = all)."),
         round_timeout: float = typer.Option(3600.0, min=1.0, help="Seconds a round waits for replies."),
+        rejoin_wait: float = typer.Option(30.0, min=0.0, help="With --min-institutions: seconds a round's start "
+                                          "waits for offline institutions to reconnect."),
         resume: int = typer.Option(0, min=0, help="Resume this interrupted platform job from its last committed "
                                    "round (its settings come from the platform DB; job options here are ignored)."),
         track: bool = typer.Option(True, "--track/--no-track", help="Record in the platform DB, ledger and MLflow.")) -> None:
@@ -223,6 +226,7 @@ def run(superlink: str = typer.Option("superlink:8000", help="SuperLink host:por
     job.optim.local_steps, job.lora.rank, job.lora.alpha = local_steps, lora_rank, 2.0 * lora_rank
     job.privacy.enabled, job.privacy.target_epsilon = not no_dp, epsilon
     job.federation.min_institutions, job.federation.round_timeout = min_institutions, round_timeout
+    job.federation.rejoin_wait = rejoin_wait
     flat = job.to_flat()
     for item in set_:
         key, sep, value = item.partition("=")
