@@ -114,3 +114,26 @@ def test_a_killed_node_drops_out_rejoins_and_a_hung_node_times_out(federation):
     reported = {c["institution"]: c["epsilon"] for c in rounds[3]["clients"]}
     assert reported["bank_c"] == pytest.approx(reported["bank_a"])  # conservative: as if it never missed a round
     assert ledger[-1][3] == pytest.approx(reported["bank_c"], rel=1e-6)
+
+
+def test_the_next_job_starts_with_the_minimum_when_an_institution_is_down(federation):
+    """Runs after the test above on the same federation: bank_c's SuperNode is down for good, bank_b
+    (frozen, then resumed) is back; a job with `--min-institutions 2` starts with the two."""
+    root, env, url = federation.root, federation.env, federation.env["FEDSEEK_DB_URL"]
+    federation.kill("supernode-bank_c")
+    proc = subprocess.run(deploy_command(
+        "run", "--superlink", federation.superlink, "--ca", "certs/ca.crt", "--census-timeout", "90",
+        "--institutions", "3", "--rounds", "1", "--local-steps", "2", "--epsilon", "2", "--out", str(root / "job2"),
+        "--min-institutions", "2", "--round-timeout", str(ROUND_TIMEOUT)),
+        env=env, cwd=root, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-4000:] + federation.log("serverapp")[-3000:]
+    report = json.loads((root / "job2" / "report.json").read_text())
+    assert report["institutions"] == ["bank_a", "bank_b"]
+    engine = create_engine(url)
+    with engine.connect() as db:
+        status, job_id = db.execute(text("SELECT status, id FROM jobs ORDER BY id DESC LIMIT 1")).one()
+        charged = sorted(n for (n,) in db.execute(text(
+            "SELECT i.name FROM privacy_ledger l JOIN institutions i ON i.id = l.institution_id WHERE l.job_id = :j"),
+            {"j": job_id}))
+    engine.dispose()
+    assert status == "finished" and charged == ["bank_a", "bank_b"]
