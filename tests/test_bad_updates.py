@@ -176,3 +176,23 @@ def test_a_silent_institution_is_logged_as_dropped_and_the_minimum_is_enforced()
     strict.sent, strict.expected = {k: v.copy() for k, v in GLOBAL.items()}, {1, 2, 3}
     with pytest.raises(RuntimeError, match="2 institutions answered, the job needs 3; dropped: hospital_c"):
         strict.aggregate_train(1, [reply(1, honest(1)), reply(2, honest(2))])
+
+
+def test_a_superlink_node_unavailable_reply_is_attributed_to_the_node_it_answers_for():
+    """When a node stops heartbeating, the SuperLink itself answers its pending message with
+    `Node Unavailable` (src node 1, the SuperLink's id). The dropout is the node the message went
+    to, once, not a phantom `node-1` next to a "no reply" entry for the real node."""
+    from flwr.app import Error
+
+    names = {11: "bank_a", 12: "bank_b", 13: "bank_c"}
+    strategy = AdapterFedAvg(3, node_names=names, min_institutions=2)
+    strategy.sent = {k: v.copy() for k, v in GLOBAL.items()}
+    strategy.outgoing = [instruction(node) for node in names]
+    strategy.expected = set(names)
+    unavailable = Message(Error(code=3, reason="Error: Node Unavailable"), metadata=Metadata(
+        run_id=1, message_id="", src_node_id=1, dst_node_id=0, reply_to_message_id="m13", group_id="1",
+        created_at=time.time(), ttl=3600, message_type="train"))
+    arrays, _ = strategy.aggregate_train(2, [reply(11, honest(11), name="bank_a"),
+                                             reply(12, honest(12), name="bank_b"), unavailable])
+    assert arrays is not None
+    assert strategy.dropped_log[2] == [{"node_id": 13, "institution": "bank_c", "reason": "Error: Node Unavailable"}]

@@ -203,7 +203,9 @@ def census(grid: Grid, job: JobConfig, timeout: float = 300.0) -> tuple[Federate
                 for node in nodes]
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     answered = [r for r in replies if not r.has_error()]
-    failed = [f"node {r.metadata.src_node_id}: {r.error.reason}" for r in replies if r.has_error()]
+    sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
+    failed = [f"node {sent_to.get(r.metadata.reply_to_message_id, r.metadata.src_node_id)}: {r.error.reason}"
+              for r in replies if r.has_error()]  # the SuperLink answers for a dead node: name that node
     if len(answered) < needed:  # a registered node that is offline is skipped
         raise CensusError(f"census: {len(answered)} of the {wanted} institutions the job needs answered "
                           f"(at least {needed}; {len(nodes)} asked); " + ("; ".join(failed) or "no error replies"))
