@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random checkpoints of every supported architecture, saved to disk."""
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
@@ -42,6 +43,24 @@ def banking():
 
 
 from fedseek.platform.deploy_local import free_port  # noqa: E402,F401  (one free-port helper)
+
+
+@contextlib.contextmanager
+def sqlite_federation(root, sites=("bank_a", "bank_b", "bank_c"), rows: int = 160):
+    """A started `LocalFederation` of `sites` with a SQLite platform DB and MLflow's SQLite store
+    under `root`; stopped (every process) when the block ends."""
+    from fedseek.platform.deploy_local import LocalFederation, write_demo_sites
+
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "FEDSEEK_HOME": str(root / "home"),
+           "FEDSEEK_DB_URL": f"sqlite:///{root / 'platform.db'}", "FEDSEEK_DEFAULT_EPSILON_MAX": "20",
+           "FEDSEEK_MLFLOW_URI": f"sqlite:///{root / 'mlflow.db'}", "FEDSEEK_TORCH_THREADS": "1",
+           "OMP_NUM_THREADS": "1"}
+    federation = LocalFederation(root, env)
+    try:
+        federation.start(write_demo_sites(root, tuple(sites), rows))
+        yield federation
+    finally:
+        federation.stop()
 
 
 def wait_for_http(url: str, process: subprocess.Popen, timeout: float = 180) -> None:

@@ -15,15 +15,15 @@ workers, all on 127.0.0.1, stopped at the end).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import threading
 import time
 
 import pytest
+from conftest import sqlite_federation
 from sqlalchemy import create_engine, text
 
-from fedseek.platform.deploy_local import LocalFederation, deploy_command, write_demo_sites
+from fedseek.platform.deploy_local import deploy_command
 
 SITES = ("bank_a", "bank_b", "bank_c")
 ROUND_TIMEOUT = 120
@@ -31,17 +31,8 @@ ROUND_TIMEOUT = 120
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
-    root = tmp_path_factory.mktemp("client-faults")
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "FEDSEEK_HOME": str(root / "home"),
-           "FEDSEEK_DB_URL": f"sqlite:///{root / 'platform.db'}", "FEDSEEK_DEFAULT_EPSILON_MAX": "20",
-           "FEDSEEK_MLFLOW_URI": f"sqlite:///{root / 'mlflow.db'}", "FEDSEEK_TORCH_THREADS": "1",
-           "OMP_NUM_THREADS": "1"}
-    fed = LocalFederation(root, env)
-    try:
-        fed.start(write_demo_sites(root, SITES, 160))
+    with sqlite_federation(tmp_path_factory.mktemp("client-faults"), SITES) as fed:
         yield fed
-    finally:
-        fed.stop()
 
 
 def committed(url: str) -> int:
