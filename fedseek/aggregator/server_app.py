@@ -19,7 +19,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedseek.aggregator.strategy import AdapterFedAvg
+from fedseek.aggregator.strategy import AdapterFedAvg, reply_origin
 from fedseek.config import JobConfig, data_arguments
 from fedseek.data.tasks import FederatedData, load_federated_data
 from fedseek.models.classifier import AdapterClassifier
@@ -203,9 +203,8 @@ def census(grid: Grid, job: JobConfig, timeout: float = 300.0) -> tuple[Federate
                 for node in nodes]
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     answered = [r for r in replies if not r.has_error()]
-    sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
-    failed = [f"node {sent_to.get(r.metadata.reply_to_message_id, r.metadata.src_node_id)}: {r.error.reason}"
-              for r in replies if r.has_error()]  # the SuperLink answers for a dead node: name that node
+    origin = reply_origin(messages)
+    failed = [f"node {origin(r)}: {r.error.reason}" for r in replies if r.has_error()]
     if len(answered) < needed:  # a registered node that is offline is skipped
         raise CensusError(f"census: {len(answered)} of the {wanted} institutions the job needs answered "
                           f"(at least {needed}; {len(nodes)} asked); " + ("; ".join(failed) or "no error replies"))

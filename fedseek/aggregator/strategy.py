@@ -27,6 +27,13 @@ from fedseek.aggregator.robust import (RobustAggregate, RobustSettings, clip_del
 logger = logging.getLogger("fedseek")
 
 
+def reply_origin(sent: Iterable[Message]):
+    """reply -> the node it speaks for: the SuperLink answers for an unreachable node itself (with
+    its own id as the source), so a reply is matched to the message it answers."""
+    recipients = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in sent if m.metadata.message_id}
+    return lambda reply: recipients.get(reply.metadata.reply_to_message_id, int(reply.metadata.src_node_id))
+
+
 class AdapterFedAvg(FedAvg):
     """Example-weighted FedAvg of LoRA (+ head) tensors; clients never send base weights.
     `robust` picks the rule (fedavg | trimmed-mean | median) and the server-side bounds."""
@@ -107,8 +114,7 @@ class AdapterFedAvg(FedAvg):
         replies = list(replies)
         valid, failed = self._check_and_log_replies(replies, is_train=True, validate=False)
         # an error reply may come from the SuperLink (e.g. node unavailable): name the node it was for
-        sent_to = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in self.outgoing if m.metadata.message_id}
-        origin = lambda m: sent_to.get(m.metadata.reply_to_message_id, int(m.metadata.src_node_id))  # noqa: E731
+        origin = reply_origin(self.outgoing)
         answered = {origin(m) for m in replies}
         dropped = [{"node_id": n, "institution": self._name(n), "reason": "no reply within the round timeout"}
                    for n in sorted(self.expected - answered)]

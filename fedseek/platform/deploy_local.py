@@ -62,9 +62,9 @@ class LocalFederation:
         return subprocess.run(deploy_command(*args), env=self.env, cwd=self.root, capture_output=True,
                               text=True, timeout=timeout)
 
-    def spawn(self, name: str, command: list[str]) -> subprocess.Popen:
+    def spawn(self, name: str, command: list[str], append_log: bool = False) -> subprocess.Popen:
         (self.root / "logs").mkdir(parents=True, exist_ok=True)
-        with (self.root / "logs" / f"{name}.log").open("w") as log:
+        with (self.root / "logs" / f"{name}.log").open("a" if append_log else "w") as log:
             proc = subprocess.Popen(command, env=self.env, cwd=self.root, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True)
         self.processes.append(proc)
@@ -84,11 +84,7 @@ class LocalFederation:
         command, _ = self.named[name]
         deadline = time.monotonic() + timeout
         while True:
-            with (self.root / "logs" / f"{name}.log").open("a") as log:
-                proc = subprocess.Popen(command, env=self.env, cwd=self.root, stdout=log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
-            self.processes.append(proc)
-            self.named[name] = (command, proc)
+            proc = self.spawn(name, command, append_log=True)
             try:
                 proc.wait(timeout=settle)
             except subprocess.TimeoutExpired:
