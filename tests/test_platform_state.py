@@ -207,3 +207,27 @@ def test_continual_periods_are_one_job_each_with_fisher_charged_at_finish(db_url
     first_period = epsilon([(1.0, 0.125, 2), (10.0, 0.5, 1)], 1e-5)
     assert entries[-1].epsilon_after == pytest.approx(max(first_period, epsilon([(1.0, 0.125, 2)], 1e-5)))
     assert entries[-1].epsilon_after == pytest.approx(first_period)  # parallel, not sequential
+
+
+def test_joint_arm_with_one_accuracy_row_finishes_with_heatmap_and_no_forgetting_tags(db_url, tmp_path, small_data):
+    """The joint arm of a continual study scores one row (after all periods): the MLflow heat-map and
+    the version tags must accept it (both once assumed a square matrix and failed the finished job)."""
+    from fedseek.continual.report import cl_summary
+
+    reporter = PlatformReporter(settings=settings_for(db_url, tmp_path, budget=50.0))
+    job = small_job(rounds=1)
+    job.data.period = "2005-2009|2010-2014"  # joint: one job on every period
+    reporter.start(job, small_data, {"accuracy": float("nan"), "loss": float("nan")})
+    row = round_row(1, small_data.institutions, 1.0)
+    reporter.round(row)
+    report = finished_report(tmp_path, "joint", small_data.institutions, [row])
+    report["cl"] = cl_summary([[0.31, 0.42]], ["2005-2009", "2010-2014"], "joint", None)
+    reporter.finish(report)
+    with session_scope(db_url) as session:
+        assert [j.status for j in session.scalars(select(Job))] == ["finished"]
+    ops = reporter.outbox.ops()
+    plots = [op["path"] for op in ops if op["op"] == "artifact" and op.get("artifact_path") == "plots"]
+    heatmap = next(p for p in plots if p.endswith("accuracy_matrix.png"))
+    assert os.path.getsize(heatmap) > 5000
+    tags = next(op["tags"] for op in ops if op["op"] == "register")
+    assert "forgetting" not in tags and "bwt" not in tags and tags["accuracy"] == 0.2

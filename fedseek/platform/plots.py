@@ -1,5 +1,5 @@
-"""PNG plots for MLflow and `fedseek privacy --plot`: training curves, epsilon over time, and the
-continual-learning accuracy matrix."""
+"""PNG plots for MLflow and `fedseek privacy --plot`: training curves and epsilon over time (the
+continual-learning accuracy matrix is `fedseek.continual.report.heatmap_png`)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -36,21 +36,6 @@ def epsilon_over_time(series: dict[str, list[tuple[object, float]]], budgets: di
     ax.set_ylim(bottom=0)
     ax.legend()
     fig.autofmt_xdate()
-    return _save(fig, path)
-
-
-def accuracy_matrix(matrix: list[list[float]], path: Path, periods: list[str] | None = None) -> Path:
-    """Heat-map of a[i][j] = accuracy on period j after training period i."""
-    n = len(matrix)
-    names = periods or [str(i + 1) for i in range(n)]
-    fig, ax = plt.subplots(figsize=(1.2 * n + 2.5, 1.0 * n + 2))
-    image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
-    for i in range(n):
-        for j in range(n):
-            ax.text(j, i, f"{matrix[i][j]:.2f}", ha="center", va="center", color="w")
-    ax.set(xticks=range(n), yticks=range(n), xticklabels=names, yticklabels=names,
-           xlabel="evaluated on period", ylabel="after training period", title="accuracy matrix")
-    fig.colorbar(image)
     return _save(fig, path)
 
 

@@ -22,12 +22,8 @@ def version_tags(report: dict, job_id: int, scope: str) -> dict:
             "delta": report.get("delta"), "sigma": report.get("noise_multiplier"), "q": report.get("sampling_rate"),
             "steps": report.get("steps"), "clip": report.get("clip_norm"), "lora_rank": report.get("lora_rank"),
             "base_model_sha256": report.get("base_model_sha256"), "data_scope": scope}
-    cl = report.get("cl") or {}
-    if cl.get("accuracy_matrix"):
-        from fedseek.continual.metrics import backward_transfer, forgetting
-
-        tags["forgetting"] = cl.get("forgetting", forgetting(cl["accuracy_matrix"]))
-        tags["bwt"] = cl.get("bwt", backward_transfer(cl["accuracy_matrix"]))
+    cl = report.get("cl") or {}  # `cl_summary`: forgetting and BWT are None for a joint arm (one row)
+    tags["forgetting"], tags["bwt"] = cl.get("forgetting"), cl.get("bwt")
     return {k: v for k, v in tags.items() if v is not None}
 
 

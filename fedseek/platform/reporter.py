@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 from fedseek.aggregator.server_app import StopFederation
+from fedseek.continual.report import heatmap_png
 from fedseek.platform import ledger, plots
 from fedseek.platform.checkpoints import checkpoint_path, crash_point, save_checkpoint
 from fedseek.platform.db import (AdapterVersion, Job, Period, get_or_create_task, session_scope,
@@ -262,10 +263,8 @@ class PlatformReporter:
             series, budgets = ledger.epsilon_series(session, report["institutions"])
         if any(series.values()):
             files.append(plots.epsilon_over_time(series, budgets, plot_dir / "epsilon.png"))
-        matrix = (report.get("cl") or {}).get("accuracy_matrix")
-        if matrix:
-            files.append(plots.accuracy_matrix(matrix, plot_dir / "accuracy_matrix.png",
-                                               (report.get("cl") or {}).get("periods")))
+        if (report.get("cl") or {}).get("accuracy_matrix"):  # square, or one row for the joint arm
+            files.append(heatmap_png(report["cl"], plot_dir / "accuracy_matrix.png"))
         for path in files:
             self.outbox.append("artifact", key="job", path=str(path), artifact_path="plots")
 
