@@ -14,7 +14,6 @@ import json
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 import bench_io  # noqa: F401 - one torch thread on the shared machine

@@ -53,8 +53,6 @@ def main() -> None:
     p.add_argument("--plot-only", action="store_true", help="re-plot the saved JSON (e.g. of an interrupted run)")
     a = p.parse_args()
     if a.plot_only:
-        import json
-
         from bench_io import RESULTS
 
         saved = json.loads((RESULTS / f"utility_{a.task}.json").read_text())
