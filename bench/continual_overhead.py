@@ -4,7 +4,7 @@ with the EWC gradient hook plus the end-of-period DP Fisher pass.
 
     python bench/continual_overhead.py --rounds 2 --repeats 3
 
-Writes bench/results/continual-overhead.json.
+Writes bench/results/continual-overhead.json and continual-overhead.png.
 """
 from __future__ import annotations
 
@@ -12,18 +12,16 @@ import argparse
 import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
+from bench_io import pyplot, save_figure, write_json
 from fedseek.clients.dp_trainer import LocalTrainer, OptimSettings, PrivacySettings
 from fedseek.config import JobConfig, job_data
 from fedseek.continual.ewc import EWCState
 from fedseek.continual.fisher import FisherSettings
 from fedseek.models.classifier import AdapterClassifier
 from fedseek.models.lora import LoraSettings
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
@@ -66,9 +64,17 @@ def main() -> None:
     result = {"records": len(site), "rounds": args.rounds, "local_steps": optim.local_steps,
               "sample_rate": optim.batch_fraction, "fisher_rate": fisher.sample_rate, "threads": args.threads,
               "naive_s": naive, "ewc_s": ewc, "median_ratio": statistics.median(e / n for e, n in zip(ewc, naive))}
-    out = ROOT / "bench" / "results" / "continual-overhead.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    result["command"] = f"python bench/continual_overhead.py --rounds {args.rounds} --repeats {args.repeats}"
+    write_json("continual-overhead", result)
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    xs = range(1, args.repeats + 1)
+    ax.bar([x - 0.2 for x in xs], naive, width=0.4, color="tab:gray", label="naive period")
+    ax.bar([x + 0.2 for x in xs], ewc, width=0.4, color="tab:blue", label="EWC hook + DP Fisher pass")
+    ax.set(xlabel="repetition (interleaved)", ylabel="seconds", xticks=list(xs),
+           title=f"one bank, {args.rounds} DP rounds x {optim.local_steps} steps: median {result['median_ratio']:.2f}x")
+    ax.legend(fontsize=8)
+    save_figure(fig, "continual-overhead")
     print(json.dumps(result, indent=2))
 
 

@@ -4,20 +4,22 @@ workers) ÷ the same local work in one process (the three institutions' DP round
 other + aggregation + the server's evaluation), and the bytes each institution uploads per round.
 
     .venv/bin/python bench/deployment.py [--rounds 3] [--local-steps 4] [--rows 400]
+    .venv/bin/python bench/deployment.py --local-steps 12 --rows 2334 --name deployment_default_work
 
-Writes bench/results/deployment.json. Untracked job (no platform DB/MLflow time in either arm).
+Writes bench/results/<name>.json and <name>.png (per-round times of both arms). Untracked job (no
+platform DB/MLflow time in either arm). `--plot-only` re-plots a saved JSON.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+from bench_io import RESULTS, pyplot, save_figure, write_json
+
 SITES = ("bank_a", "bank_b", "bank_c")
 
 
@@ -85,12 +87,36 @@ def in_process(files: dict[str, Path], rounds: int, steps: int) -> dict:
     return {"round_s": times, "final_accuracy": accuracy}
 
 
+def plot(result: dict, name: str) -> None:
+    plt = pyplot()
+    deploy, local = result["deployed"]["round_s"], result["in_process"]["round_s"]
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    xs = range(1, len(deploy) + 1)
+    ax.bar([x - 0.2 for x in xs], deploy, width=0.4, color="tab:blue", label="deployed (SuperLink + 3 SuperNodes, TLS)")
+    ax.bar([x + 0.2 for x in xs], local, width=0.4, color="tab:gray", label="in process (same local work)")
+    for x, d, l in zip(xs, deploy, local):
+        ax.text(x - 0.2, d, f"{d:.0f}", ha="center", va="bottom", fontsize=8)
+        ax.text(x + 0.2, l, f"{l:.0f}", ha="center", va="bottom", fontsize=8)
+    args = result["args"]
+    ax.set(xlabel="round", ylabel="seconds", xticks=list(xs),
+           title=f"{args['rows']} records x {args['local_steps']} DP steps per site: "
+                 f"steady rounds {result['overhead_steady_rounds']:.2f}x")
+    ax.legend(fontsize=8)
+    save_figure(fig, name)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--local-steps", type=int, default=4)
-    parser.add_argument("--rows", type=int, default=400)
+    parser.add_argument("--rows", type=int, default=400, help="records per institution (at most its IID share)")
+    parser.add_argument("--name", default="deployment", help="results file name under bench/results/")
+    parser.add_argument("--plot-only", action="store_true")
     args = parser.parse_args()
+    if args.plot_only:
+        saved = json.loads((RESULTS / f"{args.name}.json").read_text())
+        plot(saved, args.name)
+        return
     with tempfile.TemporaryDirectory(prefix="fedseek-bench-deploy-") as tmp:
         root = Path(tmp)
         from fedseek.platform.deploy_local import write_demo_sites
@@ -100,13 +126,14 @@ def main() -> None:
         local = in_process(files, args.rounds, args.local_steps)
     # round 1 of the deployment also loads the model on each site worker: compare later rounds
     steady = lambda times: sum(times[1:]) / max(1, len(times) - 1)  # noqa: E731
-    result = {"command": "python bench/deployment.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
-              "date": time.strftime("%Y-%m-%d"), "load_avg": os.getloadavg(), "deployed": deploy, "in_process": local,
+    result = {"command": "python bench/deployment.py " + " ".join(
+                  f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "plot_only"),
+              "args": {k: v for k, v in vars(args).items() if k != "plot_only"},
+              "deployed": deploy, "in_process": local,
               "overhead_steady_rounds": round(steady(deploy["round_s"]) / steady(local["round_s"]), 3),
               "overhead_all_rounds": round(sum(deploy["round_s"]) / sum(local["round_s"]), 3)}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "deployment.json").write_text(json.dumps(result, indent=2))
+    write_json(args.name, result)
+    plot(result, args.name)
     print(json.dumps(result, indent=2))
 
 

@@ -134,13 +134,15 @@ def main() -> None:
     p.add_argument("--schedule", default="cosine")
     p.add_argument("--base-model", default=None)
     p.add_argument("--institutions", type=int, default=3)
+    p.add_argument("--partition", default="iid", choices=["iid", "dirichlet"])
+    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
     p.add_argument("--compression", default="none")
     p.add_argument("--topk", type=float, default=0.0)
     a = p.parse_args()
     job = InProcessJob(task=a.task, rounds=a.rounds, local_steps=a.local_steps, batch_fraction=a.batch_fraction,
                        lr=a.lr, clip=a.clip, epsilon=a.epsilon, dp=not a.no_dp, lora_layers=a.lora_layers,
                        lora_rank=a.lora_rank, targets=a.targets, ffa=a.ffa, schedule=a.schedule,
-                       base_model=a.base_model, institutions=a.institutions,
+                       base_model=a.base_model, institutions=a.institutions, partition=a.partition, alpha=a.alpha,
                        compression=CompressionSettings(codec=a.compression, topk=a.topk))
     result = run(job)
     print(json.dumps({"final_accuracy": result["final_accuracy"], "args": vars(a), "wall_s": result["wall_s"]}))
