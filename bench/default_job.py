@@ -3,7 +3,7 @@
 Each run is tracked as a user's job is, into a platform home of its own (never this machine's
 ledger), in its own process, seeded.
 
-    python bench/default_job.py [--seeds 0 1]
+    python bench/default_job.py [--seeds 0 1]     (--plot-only re-plots the saved JSON)
 
 Writes bench/results/default_job.json and default_job.png (accuracy per round, DP vs non-DP).
 """
@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_io import pyplot, save_figure, write_json
+from bench_io import RESULTS, pyplot, save_figure, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,7 +54,7 @@ def plot(runs: list[dict]) -> None:
                 color="tab:blue" if run["dp"] else "tab:gray", ls="-" if run["seed"] == runs[0]["seed"] else "--",
                 label=label)
     ax.set(xlabel="round", ylabel="global test accuracy (%)", xticks=list(rounds),
-           title="fedseek simulate: 3 banks, banking77, embedded DeepSeek-V3-architecture base")
+           title="fedseek simulate: 3 banks, banking77, embedded base")
     ax.legend(fontsize=8)
     save_figure(fig, "default_job")
 
@@ -62,7 +62,11 @@ def plot(runs: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--plot-only", action="store_true", help="re-plot bench/results/default_job.json")
     args = parser.parse_args()
+    if args.plot_only:
+        plot(json.loads((RESULTS / "default_job.json").read_text())["runs"])
+        return
     runs = []
     with tempfile.TemporaryDirectory(prefix="fedseek-bench-default-") as tmp:
         for seed in args.seeds:
