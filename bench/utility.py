@@ -9,6 +9,9 @@ the top layer's attention + head, 5 rounds x 12 steps, q = 0.125, C = 1, lr 2e-2
 All rows run in process with the pipeline's trainer and aggregation (`inprocess_federation.py`)
 and are evaluated on the task's global test set.
 
+With `--nondp-lr LR` the non-DP rows also run at LR (without clipping, lr 2e-2 is unstable on
+medical_abstracts) and the goals use the better centralized non-DP row.
+
     python bench/utility.py --task banking77
     python bench/utility.py --task medical_abstracts
 """
@@ -32,9 +35,9 @@ def plot(rows: list[dict], task: str, alpha: float, name: str) -> None:
     ax.barh(range(len(rows)), [100 * r["accuracy"] for r in rows], color=colors)
     for i, r in enumerate(rows):
         ax.text(100 * r["accuracy"] + 0.5, i, f"{100 * r['accuracy']:.1f}", va="center", fontsize=8)
-    central = next((r["accuracy"] for r in rows if r["setting"] == "centralized non-DP"), None)
+    central = max((r["accuracy"] for r in rows if r["setting"].startswith("centralized non-DP")), default=None)
     if central:
-        ax.axvline(90 * central, color="k", ls="--", lw=0.8, label="90 % of centralized non-DP")
+        ax.axvline(90 * central, color="k", ls="--", lw=0.8, label="90 % of the best centralized non-DP")
         ax.legend(fontsize=8)
     ax.set_yticks(range(len(rows)), [r["setting"] for r in rows], fontsize=8)
     ax.invert_yaxis()
@@ -49,6 +52,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--local-steps", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--nondp-lr", type=float, default=None,
+                   help="also run the non-DP rows at this learning rate (without clipping the default 2e-2 "
+                        "can be unstable); the goals then use the better centralized non-DP row")
     p.add_argument("--only", nargs="+", help="run only these settings (by name), e.g. under a time limit")
     p.add_argument("--plot-only", action="store_true", help="re-plot the saved JSON (e.g. of an interrupted run)")
     a = p.parse_args()
@@ -90,6 +96,11 @@ def main() -> None:
             ("centralized non-DP", False, None, lambda: [run(InProcessJob(**common, dp=False, institutions=1))]),
             ("centralized DP eps=8", True, 8.0, lambda: [run(InProcessJob(**common, institutions=1))]),
             ("federated FFA-LoRA DP eps=8", True, 8.0, lambda: [run(InProcessJob(**common, ffa=True))])]
+    if a.nondp_lr:
+        lr = a.nondp_lr
+        plan += [(f"centralized non-DP lr={lr:g}", False, None,
+                  lambda: [run(InProcessJob(**common, dp=False, institutions=1, lr=lr))]),
+                 (f"federated non-DP lr={lr:g}", False, None, lambda: [run(InProcessJob(**common, dp=False, lr=lr))])]
     for setting, dp, eps, go in plan:
         if a.only and setting not in a.only:
             continue
@@ -97,7 +108,8 @@ def main() -> None:
         save()
 
     by = {r["setting"]: r["accuracy"] for r in rows}
-    fed8, central = by.get("federated DP eps=8"), by.get("centralized non-DP")
+    fed8 = by.get("federated DP eps=8")
+    central = max((v for k, v in by.items() if k.startswith("centralized non-DP")), default=None)
     local, ffa = by.get("local-only DP eps=8 (mean of 3)"), by.get("federated FFA-LoRA DP eps=8")
     goals = {"federated_dp8_over_centralized_nondp": fed8 / central if fed8 and central else None,
              "goal_90pct_met": fed8 >= 0.9 * central if fed8 and central else None,
