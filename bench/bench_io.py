@@ -30,6 +30,13 @@ def machine() -> dict:
             "load_average_at_end": os.getloadavg()}
 
 
+def own_platform_env(home: Path) -> dict:
+    """Environment for a benchmarked `fedseek` job: tracked as a user's job is, into a platform home of
+    its own (DB and MLflow store under it), never this machine's real ledger or a configured server."""
+    return {**os.environ, "PYTHONWARNINGS": "ignore", "FEDSEEK_HOME": str(home),
+            "FEDSEEK_DB_URL": "", "FEDSEEK_MLFLOW_URI": ""}
+
+
 def write_json(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

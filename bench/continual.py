@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import shutil
 import subprocess
@@ -21,15 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-from bench_io import RESULTS, pyplot, save_figure, write_json
+from bench_io import RESULTS, own_platform_env, pyplot, save_figure, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _environment(out: Path) -> dict:
-    """Each arm is tracked as a user's job is, into a platform home of its own: the arms' ε never
-    reaches this machine's real privacy ledger, and no arm is refused for an earlier arm's spending."""
-    return {**os.environ, "PYTHONWARNINGS": "ignore", "FEDSEEK_HOME": str(out / "home")}
 
 
 def run_arm(task: str, method: str, args, out: Path) -> dict:
@@ -39,7 +32,7 @@ def run_arm(task: str, method: str, args, out: Path) -> dict:
     if args.no_dp:
         command.append("--no-dp")
     started = time.time()
-    proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=_environment(out))
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=own_platform_env(out / "home"))
     wall = time.time() - started
     if proc.returncode != 0:
         raise SystemExit(f"{method} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -56,7 +49,7 @@ def tune(task: str, args, out: Path) -> dict:
                "--tune-lambda", args.tune, "--rounds", str(args.rounds), "--local-steps", str(args.local_steps),
                "--seed", str(args.seed), "--out", str(out), *shlex.split(args.extra)]
     started = time.time()
-    proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=_environment(out))
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=own_platform_env(out / "home"))
     if proc.returncode != 0:
         raise SystemExit(f"tuning failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     selection = json.loads((out / "report.json").read_text())["lambda_selection"]

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_io import RESULTS, pyplot, save_figure, write_json
+from bench_io import RESULTS, own_platform_env, pyplot, save_figure, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,10 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def simulate(out: Path, seed: int, dp: bool) -> dict:
     shown = ["simulate", "--seed", str(seed)] + ([] if dp else ["--no-dp"])
     command = [sys.executable, "-m", "fedseek", *shown, "--out", str(out / "job")]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "FEDSEEK_HOME": str(out / "home")}
     started = time.time()
     with (out / "stdout.log").open("w") as log:
-        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(command, cwd=ROOT, env=own_platform_env(out / "home"), stdout=log, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)  # the driver's own peak RSS (KiB on Linux)
         proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.time() - started

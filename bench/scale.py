@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_io import RESULTS, pyplot, save_figure, write_json
+from bench_io import RESULTS, own_platform_env, pyplot, save_figure, write_json
 from fedseek.aggregator.aggregation import StreamingAverage, weighted_average
 from fedseek.aggregator.compression import CompressionSettings, decode, encode
 
@@ -85,9 +84,7 @@ def throughput(clients: int, rounds: int, rows_per_client: int, steps: int, dp: 
             [sys.executable, "-m", "fedseek", "simulate", "--institutions", str(clients), "--rounds", str(rounds),
              "--local-steps", str(steps), "--max-train-rows", str(rows_per_client * clients), "--out", out]
             + ([] if dp else ["--no-dp"]), capture_output=True, text=True,
-            # tracked as a user's job is, into a platform home of its own (never this machine's ledger)
-            env={**os.environ, "PYTHONWARNINGS": "ignore", "FEDSEEK_HOME": str(Path(out) / "home"),
-                 "FEDSEEK_DB_URL": "", "FEDSEEK_MLFLOW_URI": ""})
+            env=own_platform_env(Path(out) / "home"))
         wall = time.time() - started
         if proc.returncode:
             raise RuntimeError(proc.stdout[-2000:] + proc.stderr[-2000:])
