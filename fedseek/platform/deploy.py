@@ -5,8 +5,9 @@ docker-compose services (and the deployment tests) run.
   institutions and SuperExecs dial (TLS on every link), plus the SuperExec shared secret.
 - `write_node_keys`: an institution's SuperNode key pair (EC P-384, OpenSSH format, as Flower
   requires); only the public key leaves the institution, to be registered at the SuperLink.
-- `*_command`: argv of `flower-superlink`, `flower-supernode` and `flower-superexec` with TLS,
-  node authentication, process isolation and no runtime dependency installation.
+- `*_command`: argv of the SuperLink (Flower's, with the Control API on its own unpublished
+  listener: `control_plane`), `flower-supernode` and `flower-superexec` with TLS, node
+  authentication, process isolation and no runtime dependency installation.
 """
 from __future__ import annotations
 
@@ -141,12 +142,20 @@ def _bin(name: str) -> str:
 
 
 def superlink_command(certs: Path, state: Path, host: str = "0.0.0.0", port: int = 8000,
+                      control_host: str = "127.0.0.1", control_port: int = 9093,
                       isolation: str = "process") -> list[str]:
+    """Flower's SuperLink (fedseek.platform.control_plane): `host:port` is the published listener
+    and serves the Fleet API only; `control_host:control_port` serves every API (Control for
+    `flwr run`/`flwr supernode register`, Runtime for the ServerApp) and must not be published."""
+    if int(port) == int(control_port):
+        raise ValueError(f"the Fleet port and the control port are both {port}: the Control API must not "
+                         "share the published port")
     paths = CertPaths.in_dir(certs)
-    command = [_bin("flower-superlink"), "--ssl-ca-certfile", str(paths.ca), "--ssl-certfile", str(paths.server),
+    command = [sys.executable, "-m", "fedseek.platform.control_plane", "--fleet-host", host, "--fleet-port", str(port),
+               "--ssl-ca-certfile", str(paths.ca), "--ssl-certfile", str(paths.server),
                "--ssl-keyfile", str(paths.server_key), "--enable-supernode-auth",
                "--database", str(Path(state) / "superlink.db"), "--isolation", isolation,
-               "--disable-runtime-dependency-installation", "--host", host, "--port", str(port)]
+               "--disable-runtime-dependency-installation", "--host", control_host, "--port", str(control_port)]
     if paths.secret.exists():
         command += ["--superexec-auth-secret-file", str(paths.secret)]
     return command

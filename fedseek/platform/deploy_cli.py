@@ -19,6 +19,8 @@ deploy_app = typer.Typer(help="Real deployment: TLS certificates, SuperNode keys
                          no_args_is_help=True)
 console = Console(soft_wrap=True)
 FEDERATION = "fedseek"
+CONTROL_PORT = 9093  # the SuperLink's control listener (Control + Runtime APIs), never published
+CONTROL = f"superlink:{CONTROL_PORT}"
 
 
 def _fail(message: str, code: int = 2):
@@ -76,20 +78,28 @@ def keys(out: Path = typer.Option(Path("keys"), help="Directory for NAME.key and
 @deploy_app.command()
 def superlink(certs: Path = typer.Option(Path("certs"), help="Directory made by `fedseek deploy certs`."),
               state: Path = typer.Option(Path("state"), help="Directory for the SuperLink's database."),
-              host: str = typer.Option("0.0.0.0", help="Interface to listen on."),
-              port: int = typer.Option(8000, help="The one HTTPS port (Fleet, Control, Runtime APIs).")) -> None:
-    """Run the SuperLink: TLS, SuperNode authentication, ServerApp in a separate process."""
+              host: str = typer.Option("0.0.0.0", help="Interface of the published Fleet listener (SuperNodes)."),
+              port: int = typer.Option(8000, help="The published HTTPS port: the Fleet API only."),
+              control_host: str = typer.Option("127.0.0.1", help="Interface of the control listener (Control + "
+                                               "Runtime APIs): loopback or the coordinator's internal network."),
+              control_port: int = typer.Option(CONTROL_PORT, help="Port of the control listener; never publish it.")) -> None:
+    """Run the SuperLink: TLS, SuperNode authentication, ServerApp in a separate process, the
+    Control API on its own unpublished listener."""
     from fedseek.platform.deploy import CertPaths, superlink_command
 
     paths = CertPaths.in_dir(certs)
     for path, what in ((paths.ca, "CA"), (paths.server, "certificate"), (paths.server_key, "key")):
         _existing(path, what)
     state.mkdir(parents=True, exist_ok=True)
-    _exec(superlink_command(certs, state, host, port))
+    try:
+        command = superlink_command(certs, state, host, port, control_host, control_port)
+    except ValueError as err:
+        _fail(str(err))
+    _exec(command)
 
 
 @deploy_app.command()
-def serverapp(superlink: str = typer.Option("superlink:8000", help="SuperLink host:port."),
+def serverapp(superlink: str = typer.Option(CONTROL, help="The SuperLink's control listener host:port (Runtime API)."),
               ca: Path = typer.Option(Path("certs/ca.crt"), help="CA certificate of the SuperLink."),
               secret: Path = typer.Option(None, help="SuperExec shared secret (certs/superexec.secret).")) -> None:
     """Run the process that executes ServerApps (needs FEDSEEK_DB_URL / FEDSEEK_MLFLOW_URI)."""
@@ -99,7 +109,7 @@ def serverapp(superlink: str = typer.Option("superlink:8000", help="SuperLink ho
 
 
 @deploy_app.command()
-def register(superlink: str = typer.Option("superlink:8000", help="SuperLink host:port."),
+def register(superlink: str = typer.Option(CONTROL, help="The SuperLink's control listener host:port (not the published Fleet port)."),
              ca: Path = typer.Option(Path("certs/ca.crt"), help="CA certificate of the SuperLink."),
              institution: str = typer.Option(..., help="Institution name (as its SuperNode reports it)."),
              public_key: Path = typer.Option(..., help="The institution's NAME.pub."),
@@ -152,7 +162,7 @@ def _json_field(text: str, key: str):
 
 
 @deploy_app.command()
-def supernode(superlink: str = typer.Option("superlink:8000", help="SuperLink host:port."),
+def supernode(superlink: str = typer.Option("superlink:8000", help="The SuperLink's published Fleet address host:port."),
               ca: Path = typer.Option(Path("certs/ca.crt"), help="CA certificate of the SuperLink."),
               key: Path = typer.Option(..., help="This institution's private key (NAME.key)."),
               institution: str = typer.Option(..., help="This institution's registered name."),
@@ -192,7 +202,7 @@ def clientapp(supernode: str = typer.Option("supernode:9094", help="The SuperNod
 
 
 @deploy_app.command()
-def run(superlink: str = typer.Option("superlink:8000", help="SuperLink host:port."),
+def run(superlink: str = typer.Option(CONTROL, help="The SuperLink's control listener host:port (not the published Fleet port)."),
         ca: Path = typer.Option(Path("certs/ca.crt"), help="CA certificate of the SuperLink."),
         institutions: int = typer.Option(3, min=1, help="Institutions that must take part."),
         task: str = typer.Option("banking77", help="Task: its label set and the coordinator's test set."),

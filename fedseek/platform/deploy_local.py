@@ -1,5 +1,6 @@
 """A whole deployment on one machine's loopback, every component a real process started with the
-`fedseek deploy …` commands the docker-compose services run: SuperLink (TLS + SuperNode auth),
+`fedseek deploy …` commands the docker-compose services run: SuperLink (TLS + SuperNode auth;
+`fleet` is its published Fleet-only address, `superlink` the operator's control address),
 the ServerApp SuperExec, a Ray head, and per institution a SuperNode (its own key, TLS to the
 SuperLink and to its ClientApp process) plus its ClientApp SuperExec. Used by the deployment
 tests and `bench/deployment.py`; the caller owns the MLflow server and platform DB (env)."""
@@ -50,8 +51,9 @@ class LocalFederation:
 
     def __init__(self, root: Path, env: dict[str, str]):
         self.root = Path(root)
-        self.link_port, self.ray_port = free_port(), free_port()
-        self.superlink = f"127.0.0.1:{self.link_port}"
+        self.link_port, self.control_port, self.ray_port = free_port(), free_port(), free_port()
+        self.fleet = f"127.0.0.1:{self.link_port}"  # the published port: Fleet API only (institutions)
+        self.superlink = f"127.0.0.1:{self.control_port}"  # the operator's control listener (Control + Runtime)
         self.env = {**env, "FLWR_HOME": str(self.root / "flwr"), "RAY_ADDRESS": "",
                     "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}"}
         self.processes: list[subprocess.Popen] = []
@@ -117,15 +119,40 @@ class LocalFederation:
             raise RuntimeError(f"{what} failed: {(result.stdout + result.stderr)[-2000:]}")
 
     # -- the federation -----------------------------------------------------------------------
+    def start_superlink(self, key_names: tuple[str, ...] = ()) -> None:
+        """Certificates, a key pair per name (not registered) and the SuperLink (published Fleet
+        listener `fleet`, operator's control listener `superlink`)."""
+        self._check(self.run("certs", "--out", "certs", "--host", "localhost", "--host", "127.0.0.1"), "certs")
+        for name in key_names:
+            self._check(self.run("keys", "--out", "keys", "--institution", name), f"keys {name}")
+        link = self.spawn("superlink", deploy_command("superlink", "--certs", "certs", "--state", "state",
+                                                      "--host", "127.0.0.1", "--port", str(self.link_port),
+                                                      "--control-host", "127.0.0.1",
+                                                      "--control-port", str(self.control_port)))
+        self.wait_port(self.link_port, link, "superlink")
+        self.wait_port(self.control_port, link, "superlink")
+
+    def register(self, name: str) -> None:
+        """The operator admits `name` (`fedseek deploy register` on the control listener)."""
+        self._check(self.run("register", "--superlink", self.superlink, "--ca", "certs/ca.crt",
+                             "--institution", name, "--public-key", f"keys/{name}.pub"), f"register {name}")
+
+    def start_supernode(self, name: str, data: Path, ray: bool = True) -> int:
+        """The institution's SuperNode, dialling the published Fleet address; its Runtime API port."""
+        port = free_port()
+        command = deploy_command("supernode", "--superlink", self.fleet, "--ca", "certs/ca.crt", "--key",
+                                 f"keys/{name}.key", "--institution", name, "--data", str(data), "--port", str(port))
+        if ray:
+            self._check(self.run("certs", "--out", f"site-{name}", "--host", "127.0.0.1"), f"site certs {name}")
+            command += ["--ray-address", f"127.0.0.1:{self.ray_port}", "--num-cpus", "1", "--local-certs", f"site-{name}"]
+        node = self.spawn(f"supernode-{name}", command)
+        self.wait_port(port, node, f"supernode-{name}")
+        return port
+
     def start(self, sites: dict[str, Path], ray_cpus: int = 3, extra_keys: tuple[str, ...] = ()) -> None:
         """Certificates, keys (also for `extra_keys`, never registered), SuperLink, ServerApp
         SuperExec, Ray head, registration and one SuperNode + ClientApp SuperExec per site."""
-        self._check(self.run("certs", "--out", "certs", "--host", "localhost", "--host", "127.0.0.1"), "certs")
-        for name in (*sites, *extra_keys):
-            self._check(self.run("keys", "--out", "keys", "--institution", name), f"keys {name}")
-        link = self.spawn("superlink", deploy_command("superlink", "--certs", "certs", "--state", "state",
-                                                      "--host", "127.0.0.1", "--port", str(self.link_port)))
-        self.wait_port(self.link_port, link, "superlink")
+        self.start_superlink((*sites, *extra_keys))
         self.spawn("serverapp", deploy_command("serverapp", "--superlink", self.superlink, "--ca", "certs/ca.crt",
                                                "--secret", "certs/superexec.secret"))
         ray_head = self.spawn("ray", [str(BIN / "ray"), "start", "--head", "--block", "--port", str(self.ray_port),
@@ -133,16 +160,9 @@ class LocalFederation:
                                       "--num-gpus", "0", "--include-dashboard", "false", "--disable-usage-stats"])
         self.wait_port(self.ray_port, ray_head, "ray")
         for name in sites:
-            self._check(self.run("register", "--superlink", self.superlink, "--ca", "certs/ca.crt",
-                                 "--institution", name, "--public-key", f"keys/{name}.pub"), f"register {name}")
+            self.register(name)
         for name, data in sites.items():
-            self._check(self.run("certs", "--out", f"site-{name}", "--host", "127.0.0.1"), f"site certs {name}")
-            port = free_port()
-            node = self.spawn(f"supernode-{name}", deploy_command(
-                "supernode", "--superlink", self.superlink, "--ca", "certs/ca.crt", "--key", f"keys/{name}.key",
-                "--institution", name, "--data", str(data), "--port", str(port),
-                "--ray-address", f"127.0.0.1:{self.ray_port}", "--num-cpus", "1", "--local-certs", f"site-{name}"))
-            self.wait_port(port, node, f"supernode-{name}")
+            port = self.start_supernode(name, data)
             self.spawn(f"clientapp-{name}", deploy_command("clientapp", "--supernode", f"127.0.0.1:{port}",
                                                            "--local-certs", f"site-{name}"))
 
