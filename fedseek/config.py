@@ -4,7 +4,10 @@ ConfigRecord / run config and rebuilt on the other side.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,10 +45,22 @@ class DataSettings:
 
     @property
     def period_scope(self) -> str:
-        """The disjoint slice of records this job touches, for the privacy ledger: one period's
-        name, or "all" (no periods, or joint training over several)."""
+        """The slice of records this job touches within its period scheme: one period's name, or
+        "all" (no periods, or joint training over several). The ledger's scope is `data_scope`."""
         names = [p for p in self.period.split(PERIOD_SEPARATOR) if p]
         return names[0] if len(names) == 1 else "all"
+
+    @property
+    def slicing_scheme(self) -> str:
+        """The period scheme with every parameter that decides which records fall in a period:
+        only slices of one scheme (same parameters) over one dataset are disjoint."""
+        if not self.periods:
+            return "none"
+        if self.periods in ("intent-groups", "condition-groups"):  # label ids: positions in the label column's set
+            params = f"groups={self.period_groups},labels={self.label_column}"
+        else:
+            params = f"column={self.period_column or ''},freq={self.period_freq}"
+        return f"{self.periods}({params})"
 
 
 @dataclass
@@ -57,7 +72,7 @@ class FederationSettings:
     seed: int = 0
     base_model: str | None = None  # local checkpoint directory; None = embedded default
     out: str = "runs/latest"
-    study: str = ""  # a comparison arm's name: its institutions keep a separate privacy history
+    study: str = ""  # a comparison/tuning arm's name; every arm is charged to the same institutions' ledger
     min_institutions: int = 0  # a round completes with this many updates (0 = all institutions)
     round_timeout: float = 3600.0  # seconds a round waits for replies before going on without them
     rejoin_wait: float = 30.0  # with min_institutions: seconds a round start waits for offline institutions
@@ -157,3 +172,56 @@ def _pooled(data):
     first = data.train[0]
     return LabelledTexts(sum((t.texts for t in data.train), []), np.concatenate([t.labels for t in data.train]),
                          first.label_names, sum((t.periods or [] for t in data.train), []) or None, first.source)
+
+
+def data_scope(job: JobConfig, dataset: str) -> str:
+    """The privacy-ledger scope key of `job` over the dataset with fingerprint `dataset`
+    (`dataset_fingerprint` at the coordinator, the site's own file fingerprint at a site)."""
+    from fedseek.privacy.ledger_math import DataScope
+
+    return DataScope(dataset, job.data.slicing_scheme, job.data.period_scope).key()
+
+
+def dataset_fingerprint(job: JobConfig, deployed: bool = False) -> str:
+    """Short sha256 of the records' source as the coordinator knows it: the files of the shipped
+    task, the user's --data file or every --data-dir file (contents, not paths: an edited file is
+    another dataset). `deployed`: the coordinator cannot read the sites' files, so the job's
+    declared data identity (task and columns) stands in for them until the census carries each
+    site's own fingerprint. The single place that decides a job's dataset identity."""
+    d = job.data
+    if deployed:
+        declared = f"deployed:task={d.task};text={d.text_column};label={d.label_column}"
+        return hashlib.sha256(declared.encode()).hexdigest()[:16]
+    if d.data_dir:
+        from fedseek.data.loader import find_data_files
+
+        files = find_data_files(d.data_dir)
+    elif d.data:
+        files = [Path(d.data)]
+    else:
+        from fedseek.data.tasks import SHIPPED, SHIPPED_TASKS
+
+        if d.task not in SHIPPED_TASKS:
+            raise ValueError(f"data.task {d.task!r} is not a shipped task {list(SHIPPED_TASKS)}")
+        files = sorted(p for p in (SHIPPED / d.task).iterdir() if p.is_file())
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + _file_sha256(str(path.resolve()), *_stamp(path)).encode())
+    return digest.hexdigest()[:16]
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    try:
+        stat = path.stat()
+    except OSError as err:
+        raise ValueError(f"data file {path}: cannot read it for the dataset fingerprint ({err.strerror})") from None
+    return stat.st_size, stat.st_mtime_ns
+
+
+@lru_cache(maxsize=64)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:  # size/mtime: re-hash an edited file
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -6,6 +6,8 @@
   SQLite platform DB; refused jobs charge nothing;
 - the institution's ε never decreases as releases are added, so checking the projected end of a
   job also bounds every round before it;
+- releases of different slicing schemes (or datasets) compose sequentially, different slices of one
+  scheme over one dataset in parallel;
 - ε of random mixed-σ/q histories agrees with Google's dp_accounting (PLD) within 1 %
   (test_privacy.py and test_ledger_math.py check fixed histories)."""
 from __future__ import annotations
@@ -22,11 +24,15 @@ from fedseek.config import JobConfig
 from fedseek.platform import ledger
 from fedseek.platform.db import Institution, Job, LedgerEntry, get_or_create_task, session_scope
 from fedseek.privacy.accountant import epsilon
-from fedseek.privacy.ledger_math import Release, institution_epsilon
+from fedseek.privacy.ledger_math import DataScope, Release, institution_epsilon
 
 DELTA = 1e-5
 BUDGET = 3.0
-SCOPES = ("all", "2023", "2024")
+DATASET = "0123456789abcdef"
+GROUPS3 = [DataScope(DATASET, "intent-groups(groups=3,labels=label)", p).key()
+           for p in ("labels 0-25", "labels 26-51", "labels 52-76")]
+GROUPS2 = [DataScope(DATASET, "intent-groups(groups=2,labels=label)", p).key() for p in ("labels 0-38", "labels 39-76")]
+SCOPES = ("all", "2023", "2024", *GROUPS3, *GROUPS2)  # legacy keys, and two overlapping schemes of one dataset
 SITES = ("bank_a", "bank_b")
 
 jobs = st.lists(st.fixed_dictionaries({
@@ -127,3 +133,27 @@ mixed = st.lists(st.tuples(st.floats(0.8, 3.0), st.sampled_from([0.01, 0.05, 0.1
 def test_mixed_sigma_q_histories_match_dp_accounting_within_one_percent(history):
     reference = pld(history)
     assert epsilon(history, DELTA) == pytest.approx(reference, rel=0.01, abs=1e-3)
+
+
+one_release = st.tuples(st.floats(0.8, 3.0), st.sampled_from([0.05, 0.125]), st.integers(1, 30))
+SCHEMES = [f"intent-groups(groups={g},labels=label)" for g in (2, 3, 4)] + ["column(column=date,freq=year)"]
+
+
+@settings(max_examples=6, deadline=None)
+@given(history=st.lists(one_release, min_size=2, max_size=4), data=st.data())
+def test_overlapping_schemes_compose_sequentially_one_scheme_in_parallel(history, data):
+    # each release from another scheme or dataset (any slice names): the full sequential epsilon
+    slices = data.draw(st.lists(st.sampled_from(["labels 0-25", "labels 0-38", "2024", "all"]),
+                                min_size=len(history), max_size=len(history)))
+    datasets = data.draw(st.lists(st.sampled_from([DATASET, "fedcba9876543210"]), min_size=len(history),
+                                  max_size=len(history)))
+    mixed = [Release(DataScope(d, SCHEMES[i % len(SCHEMES)] if d == DATASET else SCHEMES[0], p).key(), *h)
+             for i, (h, p, d) in enumerate(zip(history, slices, datasets))]
+    if len({(DataScope.parse(r.scope).dataset, DataScope.parse(r.scope).scheme) for r in mixed}) == len(mixed):
+        assert institution_epsilon(mixed, DELTA) == pytest.approx(epsilon(history, DELTA), rel=1e-6)
+    # one scheme over one dataset, a different slice each: the worst single slice
+    disjoint = [Release(DataScope(DATASET, SCHEMES[1], f"period {i}").key(), *h) for i, h in enumerate(history)]
+    assert institution_epsilon(disjoint, DELTA) == pytest.approx(max(epsilon([h], DELTA) for h in history), rel=1e-6)
+    # and never above the fully sequential history, never below any one release
+    assert max(epsilon([h], DELTA) for h in history) - 1e-3 <= institution_epsilon(mixed, DELTA) \
+        <= epsilon(history, DELTA) + 1e-3

@@ -44,7 +44,11 @@ def test_noise_for_budget_spends_exactly_the_target():
         noise_for_budget(1.0, 1e-5, 0.125, 10, spent=[(0.5, 0.5, 100)])
 
 
-def test_default_delta_and_empty_history():
-    assert default_delta(2334) == 1e-5
-    assert default_delta(10**6) == pytest.approx(1 / (10**6) ** 1.1)
+def test_default_delta_keeps_n_delta_at_most_one_percent_at_every_n():
+    # the old min(1e-5, N^-1.1) gave N*delta = 0.35 at N = 35,000: a 35 % chance of a failed record
+    for n in (1, 10, 999, 1000, 2334, 35_000, 10**5, 10**6, 10**9):
+        assert n * default_delta(n) <= 0.01 + 1e-15, n
+    assert default_delta(35_000) == pytest.approx(0.01 / 35_000)
+    assert default_delta(1000) == 1e-5 and default_delta(0) == 1e-5  # the cap for small sites
+    assert default_delta(10**6) == pytest.approx(1e-8)
     assert epsilon([], 1e-5) == 0.0

@@ -61,7 +61,7 @@ class Job(Base):
     __tablename__ = "jobs"
     id: Mapped[int] = mapped_column(primary_key=True)
     task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"))
-    data_scope: Mapped[str] = mapped_column(String(200), default="all")
+    data_scope: Mapped[str] = mapped_column(String(512), default="all")  # ledger_math.DataScope key
     status: Mapped[str] = mapped_column(String(20))  # running | finished | stopped | refused | failed
     message: Mapped[str] = mapped_column(Text, default="")
     config_json: Mapped[str] = mapped_column(Text)
@@ -90,15 +90,15 @@ class Round(Base):
 
 
 class LedgerEntry(Base):
-    """One DP release charged to an institution: a training round or a Fisher pass."""
+    """One DP release charged to an institution: a training round, a Fisher pass or noised counts."""
 
     __tablename__ = "privacy_ledger"
     id: Mapped[int] = mapped_column(primary_key=True)
     institution_id: Mapped[int] = mapped_column(ForeignKey("institutions.id"), index=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"))
     round_number: Mapped[int] = mapped_column(Integer)
-    kind: Mapped[str] = mapped_column(String(10))  # train | fisher
-    data_scope: Mapped[str] = mapped_column(String(200), default="all")
+    kind: Mapped[str] = mapped_column(String(10))  # train | fisher | validation
+    data_scope: Mapped[str] = mapped_column(String(512), default="all")  # ledger_math.DataScope key
     sigma: Mapped[float] = mapped_column(Float)
     q: Mapped[float] = mapped_column(Float)
     steps: Mapped[int] = mapped_column(Integer)
