@@ -10,6 +10,7 @@ files, Dockerfile and .dockerignore need nothing.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -46,9 +47,16 @@ def env_values(profile: str) -> dict[str, str]:
     return values
 
 
-def compose(profile: str, *args: str) -> subprocess.CompletedProcess:
+# the example env file leaves POSTGRES_PASSWORD empty (compose then refuses to start); the rendering
+# tests fill it in as an operator would, with a value easy to find in the rendered file
+TEST_PASSWORD = "3f9c2a7be41d08c5a6e2f7d913b4c08e5a71d2c6f90b3e48"
+
+
+def compose(profile: str, *args: str, password: str | None = TEST_PASSWORD) -> subprocess.CompletedProcess:
     # a clean environment: the shell's variables would override the env file's
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp")}
+    if password is not None:
+        env["POSTGRES_PASSWORD"] = password
     return subprocess.run([DOCKER_COMPOSE, "--env-file", str(ENV_EXAMPLES[profile]), "-f", str(COMPOSE_FILE),
                            "--profile", profile, *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=120)
@@ -105,24 +113,27 @@ def test_coordinator_commands():
     for name in ("superlink", "serverapp", "scheduler", "db-migrate"):
         assert "entrypoint" not in svc[name], f"{name} must run the image's entrypoint (fedseek)"
     assert svc["superlink"]["command"] == ["deploy", "superlink", "--certs", "/run/secrets", "--state",
-                                           "/var/lib/fedseek/superlink", "--host", "0.0.0.0", "--port", "8000"]
-    assert svc["serverapp"]["command"] == ["deploy", "serverapp", "--superlink", "superlink:8000", "--ca",
+                                           "/var/lib/fedseek/superlink", "--host", "0.0.0.0", "--port", "8000",
+                                           "--control-host", "0.0.0.0", "--control-port", "9093"]
+    # the ServerApp's Runtime API is on the control listener, not the published Fleet port
+    assert svc["serverapp"]["command"] == ["deploy", "serverapp", "--superlink", "superlink:9093", "--ca",
                                            "/run/secrets/ca.crt", "--secret", "/run/secrets/superexec.secret"]
     assert svc["scheduler"]["command"] == ["scheduler", "run"]
     assert svc["db-migrate"]["command"] == ["db", "upgrade"]
     # the launcher takes whole command lines: `run --rm launcher fedseek deploy run|register ...`
     assert svc["launcher"]["entrypoint"] == ["/usr/bin/env"]
     assert svc["launcher"]["command"][:2] == ["fedseek", "deploy"]
-    backend = f"postgresql+psycopg://{env['POSTGRES_USER']}:{env['POSTGRES_PASSWORD']}@postgres:5432/{env['MLFLOW_DB']}"
+    backend = f"postgresql+psycopg://{env['POSTGRES_USER']}:{TEST_PASSWORD}@postgres:5432/{env['MLFLOW_DB']}"
     assert svc["mlflow"]["entrypoint"] == ["mlflow"]
-    assert svc["mlflow"]["command"][:9] == ["server", "--backend-store-uri", backend, "--artifacts-destination",
-                                           "/mlflow/artifacts", "--host", "0.0.0.0", "--port", "5000"]
+    assert svc["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"] == backend  # MLflow's env var for it
+    assert svc["mlflow"]["command"][:7] == ["server", "--artifacts-destination", "/mlflow/artifacts", "--host",
+                                           "0.0.0.0", "--port", "5000"]
     # MLflow 3 refuses API calls (403) whose Host header is not localhost/private IP unless allowed
     allowed = svc["mlflow"]["command"][svc["mlflow"]["command"].index("--allowed-hosts") + 1].split(",")
     for name in ("serverapp", "scheduler", "launcher", "db-migrate"):
         environment = svc[name]["environment"]
         assert environment["FEDSEEK_DB_URL"] == (f"postgresql+psycopg://{env['POSTGRES_USER']}:"
-                                                 f"{env['POSTGRES_PASSWORD']}@postgres:5432/{env['POSTGRES_DB']}")
+                                                 f"{TEST_PASSWORD}@postgres:5432/{env['POSTGRES_DB']}")
         assert environment["FEDSEEK_MLFLOW_URI"] == "http://mlflow:5000"
         assert environment["FEDSEEK_MLFLOW_URI"].removeprefix("http://") in allowed
         assert environment["FEDSEEK_DEFAULT_EPSILON_MAX"] == env["FEDSEEK_DEFAULT_EPSILON_MAX"]
@@ -155,7 +166,7 @@ def test_healthchecks_and_start_order():
              if "healthcheck" in svc}
     assert "pg_isready" in tests["postgres"]
     assert "http://127.0.0.1:5000/health" in tests["mlflow"]
-    assert "socket.create_connection(('127.0.0.1', 8000)" in tests["superlink"]
+    assert "socket.create_connection(('127.0.0.1', p), 5).close() for p in (8000, 9093)" in tests["superlink"]
     assert "socket.create_connection(('127.0.0.1', 9094)" in tests["supernode"]
     assert "ray health-check --address 127.0.0.1:6379" in tests["ray-head"]
     for name in tests:
@@ -245,6 +256,70 @@ def test_secrets_ports_and_networks():
     assert inst_config["networks"]["site"]["internal"] is True
     assert set(inst["supernode"]["networks"]) == {"default", "site"}
     assert set(inst["ray-head"]["networks"]) == {"site"} and set(inst["clientapp"]["networks"]) == {"site"}
+
+
+def published_targets(svc: dict) -> set[str]:
+    """The container ports a rendered service publishes on the host (any interface)."""
+    return {str(p["target"]) if isinstance(p, dict) else str(p).removesuffix("/tcp").split(":")[-1]
+            for p in svc.get("ports", [])}
+
+
+@needs_compose
+def test_only_the_fleet_api_is_published():
+    """The SuperLink's published port is its Fleet-only listener; the control listener (Control
+    API: `flwr run`, node registration, stop; Runtime API) is published by no service, and the
+    coordinator's own containers reach it on the compose network (tests/test_control_plane.py
+    plays an institution against these listeners)."""
+    from fedseek.platform.deploy_cli import CONTROL
+
+    coord = active("coordinator")
+    command = coord["superlink"]["command"]
+    fleet, control = command[command.index("--port") + 1], command[command.index("--control-port") + 1]
+    assert fleet != control
+    assert published_targets(coord["superlink"]) == {fleet}
+    for name, svc in {**coord, **active("institution")}.items():
+        assert control not in published_targets(svc), name
+    assert coord["serverapp"]["command"][coord["serverapp"]["command"].index("--superlink") + 1] == f"superlink:{control}"
+    assert CONTROL == f"superlink:{control}"  # the default of `fedseek deploy run|register` in the launcher
+
+
+@needs_compose
+def test_no_password_on_any_command_line():
+    """The DB password reaches processes through their environment only: `ps` shows every
+    process's command line to every account on the host."""
+    for profile in ("coordinator", "institution"):
+        for name, svc in active(profile).items():
+            for key in ("command", "entrypoint", "healthcheck"):
+                assert TEST_PASSWORD not in json.dumps(svc.get(key)), (profile, name, key)
+    coord = active("coordinator")
+    assert TEST_PASSWORD in coord["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"]
+    assert coord["postgres"]["environment"]["POSTGRES_PASSWORD"] == TEST_PASSWORD
+
+
+@needs_compose
+def test_the_example_password_is_refused(tmp_path):
+    """The example env file has no working password: compose refuses to start with it, and the
+    postgres service refuses an example value (so nothing that needs the databases starts)."""
+    assert env_values("coordinator")["POSTGRES_PASSWORD"] == ""
+    proc = compose("coordinator", "config", password=None)
+    assert proc.returncode != 0 and "POSTGRES_PASSWORD is empty" in proc.stderr, proc.stderr
+    script = active("coordinator")["postgres"]["entrypoint"][2].replace("$$", "$")
+    script = script.replace("/docker-entrypoint-initdb.d/", f"{tmp_path}/")  # not the real path here
+    stub = tmp_path / "docker-entrypoint.sh"
+    stub.write_text("#!/bin/sh\necho postgres started\n")
+    stub.chmod(0o755)
+
+    def start(password: str) -> subprocess.CompletedProcess:
+        env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "POSTGRES_PASSWORD": password, "MLFLOW_DB": "mlflow"}
+        return subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True, timeout=30)
+
+    for example in ("change-me-openssl-rand-hex-24", "postgres", "my-placeholder"):
+        refused = start(example)
+        assert refused.returncode == 78 and "POSTGRES_PASSWORD is the example placeholder" in refused.stderr
+        assert "started" not in refused.stdout
+    started = start(TEST_PASSWORD)
+    assert started.returncode == 0 and started.stdout.strip() == "postgres started", started.stderr
+    assert (tmp_path / "10-mlflow-db.sql").read_text() == 'CREATE DATABASE "mlflow";\n'
 
 
 # ───────────────────────────── static: env files, Dockerfile ─────────────────────────────

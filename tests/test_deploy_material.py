@@ -85,3 +85,20 @@ def test_a_node_may_only_report_the_institution_its_key_was_registered_as(tmp_pa
         verify_node_identities(url, {"hospital_c": 333})
     with pytest.raises(NodeIdentityError, match="already bound"), session_scope(url) as session:
         bind_node(session, "hospital_c", 111, "c" * 64, 8.0)
+
+
+def test_coordinator_commands_refuse_an_example_db_password(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedseek.platform.deploy import placeholder_password
+    from fedseek.platform.deploy_cli import deploy_app
+
+    for password in ("change-me-openssl-rand-hex-24", "", "Postgres", "my-placeholder-pw"):
+        assert placeholder_password(f"postgresql+psycopg://fedseek:{password}@postgres:5432/fedseek"), password
+    assert not placeholder_password("postgresql+psycopg://fedseek:3f9c2a7be41d08c5a6e2f7d9@postgres:5432/fedseek")
+    assert not placeholder_password(f"sqlite:///{tmp_path}/platform.db") and not placeholder_password(None)
+    url = "postgresql+psycopg://fedseek:change-me-openssl-rand-hex-24@postgres:5432/fedseek"
+    for argv in (["serverapp", "--ca", "none.crt"], ["run", "--ca", "none.crt"],
+                 ["register", "--institution", "a", "--public-key", "none.pub"]):
+        result = CliRunner().invoke(deploy_app, argv, env={"FEDSEEK_DB_URL": url})
+        assert result.exit_code == 2 and "example password" in result.output, (argv, result.output)

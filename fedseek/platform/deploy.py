@@ -135,6 +135,25 @@ def write_node_keys(directory: Path, institution: str) -> tuple[Path, Path]:
     return private, public
 
 
+# example values of a DB password that must never run (the postgres service of docker-compose.yml
+# refuses the same ones)
+PLACEHOLDER_PASSWORDS = ("change-me*", "*placeholder*", "password", "postgres", "fedseek")
+
+
+def placeholder_password(database_url: str | None) -> bool:
+    """Whether a database URL carries an empty or example password (URLs without one: False)."""
+    import fnmatch
+
+    from sqlalchemy.engine import make_url
+
+    if not database_url or "://" not in database_url:
+        return False
+    password = make_url(database_url).password
+    if password is None:
+        return False
+    return password == "" or any(fnmatch.fnmatchcase(password.lower(), p) for p in PLACEHOLDER_PASSWORDS)
+
+
 def _bin(name: str) -> str:
     """A Flower executable from this interpreter's environment (falls back to PATH)."""
     local = Path(sys.executable).parent / name

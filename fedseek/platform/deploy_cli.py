@@ -44,6 +44,15 @@ def _required(**values: str) -> None:
         _fail("empty " + ", ".join(f"--{name}" for name in empty) + " (is it set in the env file?)")
 
 
+def _refuse_placeholder_password() -> None:
+    """The coordinator's processes refuse a platform DB password left at an example value."""
+    from fedseek.platform.deploy import placeholder_password
+
+    if placeholder_password(os.environ.get("FEDSEEK_DB_URL")):
+        _fail("FEDSEEK_DB_URL carries an empty or example password (POSTGRES_PASSWORD in the env file): "
+              "set a random one (openssl rand -hex 24)")
+
+
 def _existing(path: Path, what: str) -> Path:
     if not Path(path).is_file():
         _fail(f"{what} {path}: no such file")
@@ -105,6 +114,7 @@ def serverapp(superlink: str = typer.Option(CONTROL, help="The SuperLink's contr
     """Run the process that executes ServerApps (needs FEDSEEK_DB_URL / FEDSEEK_MLFLOW_URI)."""
     from fedseek.platform.deploy import superexec_command
 
+    _refuse_placeholder_password()
     _exec(superexec_command(superlink, _existing(ca, "CA"), secret))
 
 
@@ -116,6 +126,7 @@ def register(superlink: str = typer.Option(CONTROL, help="The SuperLink's contro
              epsilon_max: float = typer.Option(None, min=0.0, help="Lifetime privacy budget (default: the platform's).")) -> None:
     """Admit an institution: register its key at the SuperLink and bind the node id to its name."""
     _required(superlink=superlink, institution=institution)
+    _refuse_placeholder_password()
     from fedseek.platform.db import session_scope
     from fedseek.platform.deploy import write_flwr_config
     from fedseek.platform.nodes import NodeIdentityError, bind_node, public_key_sha256
@@ -229,6 +240,7 @@ def run(superlink: str = typer.Option(CONTROL, help="The SuperLink's control lis
     from fedseek.config import JobConfig
     from fedseek.platform.deploy import app_directory, write_flwr_config
 
+    _refuse_placeholder_password()
     job = JobConfig()
     job.data.task, job.data.test_data = task, str(test_data) if test_data else None
     job.federation.institutions, job.federation.rounds = institutions, rounds
