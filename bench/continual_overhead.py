@@ -16,6 +16,7 @@ import time
 import torch
 
 from bench_io import pyplot, save_figure, write_json
+from fedseek.privacy.randomness import noise_source
 from fedseek.clients.dp_trainer import LocalTrainer, OptimSettings, PrivacySettings
 from fedseek.config import JobConfig, job_data
 from fedseek.continual.ewc import EWCState
@@ -52,7 +53,7 @@ def main() -> None:
                                          planned=[(fisher.noise_multiplier, fisher.sample_rate, 1)] if with_ewc else [])
             history = result.history
         if with_ewc:
-            trainer.fisher(site, fisher, seed=0)
+            trainer.fisher(site, fisher, noise_source((0, 7)))
         return time.perf_counter() - began
 
     period(False)  # warm-up: noise planning cache, allocator

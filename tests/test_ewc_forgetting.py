@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from fedseek.privacy.randomness import noise_source
 from fedseek.clients.dp_trainer import LocalTrainer, OptimSettings, PrivacySettings
 from fedseek.config import JobConfig, job_data, period_names
 from fedseek.continual.ewc import EWCSettings, EWCState, consolidate, normalise_fisher
@@ -35,7 +36,7 @@ def test_ewc_forgets_less_than_naive_under_dp():
 
     history = train_period(train[0])
     after_first = trainer.classifier.evaluate(first_test)["accuracy"]
-    diagonal, entry = trainer.fisher(train[0], fisher, seed=11)
+    diagonal, entry = trainer.fisher(train[0], fisher, noise_source((11, 7)))
     assert len(history) == 2 and entry == planned[0]
     heads = [n for n in diagonal if "modules_to_save" in n]
     diagonal = restrict_rows(normalise_fisher(diagonal), heads, periods[0].active_labels)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fedseek.privacy.randomness import noise_source
 from fedseek.clients.dp_trainer import LocalTrainer, OptimSettings, PrivacySettings
 from fedseek.continual.ewc import EWCState
 from fedseek.continual.fisher import (FisherSettings, clipped_square_sums, expand, group_sums, restrict_rows,
@@ -56,7 +57,7 @@ def trainer_and_data(banking):
 def test_dp_fisher_pass_is_charged_to_the_privacy_history(trainer_and_data):
     trainer, data = trainer_and_data
     settings = FisherSettings(sample_rate=0.5, noise_multiplier=2.0)
-    fisher, entry = trainer.fisher(data, settings, seed=0)
+    fisher, entry = trainer.fisher(data, settings, noise_source((0, 7)))
     assert entry == (2.0, 0.5, 1)
     assert set(fisher) == set(trainer.named_params) and all(float(f.min()) >= 0 for f in fisher.values())
     assert all(p.grad_sample is None and p.grad is None for p in trainer.params)

@@ -126,7 +126,8 @@ def test_fisher_and_validation_replies(site):
     audit_tensors({k: v.numpy() for k, v in fisher.content["arrays"].items()}, adapter)
     audit_wire(fisher, texts, token_ids)
     validation = client_app.app(deliver("evaluate.validation", adapter, job_config()), ctx)
-    audit_records(validation, {"correct", "total"}, arrays=False)
+    # the site releases a noised `correct` (its default policy) with the noise it added, charged
+    audit_records(validation, {"correct", "total", "noise-multiplier", "sample-rate", "steps", "delta"}, arrays=False)
     assert 0 < validation.content["metrics"]["total"] < ROWS
     audit_wire(validation, texts, token_ids)
 

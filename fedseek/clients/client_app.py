@@ -13,7 +13,14 @@ app = ClientApp()
 
 def handle(kind: str, content: RecordDict, context: Context) -> RecordDict:
     """Run the `kind` handler here, or on the institution's Ray worker when its node config names a
-    Ray cluster (`ray-address`): the worker keeps the model and encoded records between rounds."""
+    Ray cluster (`ray-address`): the worker keeps the model and encoded records between rounds.
+    A failure reaches the coordinator only as `<category>: <field>` (`fedseek.clients.refusals`)."""
+    from fedseek.clients.refusals import run_guarded
+
+    return run_guarded(kind, _dispatch, kind, content, context)
+
+
+def _dispatch(kind: str, content: RecordDict, context: Context) -> RecordDict:
     if context.node_config.get("ray-address"):
         from fedseek.clients.ray_worker import run_on_worker
 

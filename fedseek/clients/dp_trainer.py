@@ -21,6 +21,7 @@ from fedseek.continual.ewc import EWCState, add_penalty_gradient
 from fedseek.continual.fisher import FisherSettings, add_noise, clipped_square_sums, expand, group_sums
 from fedseek.models.classifier import AdapterClassifier, EncodedTexts
 from fedseek.privacy.accountant import History, default_delta, epsilon, noise_for_budget
+from fedseek.privacy.randomness import NoiseSource, noise_source
 
 
 @dataclass
@@ -32,6 +33,13 @@ class PrivacySettings:
     delta: float | None = None  # None: min(1e-5, 1/N^1.1) for the institution's N records
     noise_multiplier: float | None = None  # given sigma overrides the target-epsilon derivation
     clip_norm: float = 1.0  # per-sample gradient clipping bound C
+    # seeded DP noise and sampling, for tests and benchmarks only: the job is then NOT private
+    # (the coordinator can regenerate the noise); tracked and deployed jobs refuse it
+    reproducible_noise: bool = False
+
+    @property
+    def private_noise(self) -> bool:
+        return self.enabled and not self.reproducible_noise
 
 
 @dataclass
@@ -94,20 +102,29 @@ class LocalTrainer:
         return noise_for_budget(privacy.target_epsilon, delta, q, optim.local_steps * total_rounds,
                                 spent=list(planned)), q, delta
 
+    def noise_source(self, privacy: PrivacySettings, seed: int, stream: int) -> NoiseSource:
+        """Private (OS-seeded, node-only) randomness for DP; `seed` is used only without DP or
+        with `reproducible_noise` (not private)."""
+        device = self.params[0].device if self.params else "cpu"
+        return noise_source(None if privacy.private_noise else (seed, stream), device)
+
     def train_round(self, data: EncodedTexts, privacy: PrivacySettings, optim: OptimSettings,
                     server_round: int, total_rounds: int, history: History, seed: int,
                     ewc: EWCState | None = None, ewc_lambda: float = 0.0,
                     planned: History = ()) -> RoundResult:
         """One round of local DP-SGD. With `ewc`, the EWC gradient is added after clipping and
-        noise (DP optimizer step hook), never through the loss that Opacus differentiates."""
+        noise (DP optimizer step hook), never through the loss that Opacus differentiates.
+        Sampling and noise come from `noise_source` (private unless asked to be reproducible)."""
         sigma, q, delta = self.plan_noise(privacy, optim, len(data), total_rounds, history, planned)
         protect = (lambda *_: add_penalty_gradient(self.named_params, ewc, ewc_lambda)) if ewc else None
-        rng = np.random.default_rng([seed, server_round])
-        torch.manual_seed(int(rng.integers(2**31)))
+        source = self.noise_source(privacy, seed, server_round)
+        rng = source.sampler
+        torch.manual_seed(int(rng.integers(2**31)))  # dropout and other data-independent randomness
         expected_batch = q * len(data)
         base_optimizer = torch.optim.Adam(self.params, lr=optim.learning_rate)
         optimizer = (DPOptimizer(base_optimizer, noise_multiplier=sigma, max_grad_norm=privacy.clip_norm,
-                                 expected_batch_size=max(1, round(expected_batch)))
+                                 expected_batch_size=max(1, round(expected_batch)), generator=source.noise,
+                                 secure_mode=source.private)  # 2n-sample noise vs floating-point attacks
                      if privacy.enabled else base_optimizer)
         if privacy.enabled and protect:
             optimizer.attach_step_hook(protect)
@@ -125,7 +142,8 @@ class LocalTrainer:
             sample = np.flatnonzero(rng.random(len(data)) < q)
             if len(sample) == 0:
                 if privacy.enabled:
-                    self._noise_only_step(base_optimizer, sigma * privacy.clip_norm / expected_batch)
+                    self._noise_only_step(base_optimizer, sigma * privacy.clip_norm / expected_batch,
+                                          source.noise)
                 continue
             chunks = AdapterClassifier._length_sorted_chunks(data.inputs, sample, optim.chunk_size)
             step_loss = 0.0
@@ -153,13 +171,13 @@ class LocalTrainer:
             epsilon_rdp=epsilon(new_history, delta, "rdp") if privacy.enabled else math.inf,
             history=new_history)
 
-    def fisher(self, data: EncodedTexts, settings: FisherSettings, seed: int,
+    def fisher(self, data: EncodedTexts, settings: FisherSettings, source: NoiseSource,
                chunk_size: int = 256) -> tuple[dict[str, torch.Tensor], tuple[float, float, int]]:
         """DP diagonal Fisher at the current parameters over a Poisson sample of `data`; returns it
-        (per coordinate, un-normalised) and the (sigma, q, steps) entry to charge to the history."""
-        rng = np.random.default_rng([seed, 7])
-        generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
-        sample = np.flatnonzero(rng.random(len(data)) < settings.sample_rate)
+        (per coordinate, un-normalised) and the (sigma, q, steps) entry to charge to the history.
+        `source`: the sampler and noise generator (`noise_source`)."""
+        generator = torch.Generator().manual_seed(int(source.sampler.integers(2**63)))  # noise is added on CPU
+        sample = np.flatnonzero(source.sampler.random(len(data)) < settings.sample_rate)
         self.private_module.enable_hooks()
         self.classifier.model.train()  # Opacus records activations in training mode only
         sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in self.named_params.items()}
@@ -178,9 +196,9 @@ class LocalTrainer:
         fisher = expand(groups, shapes, settings.granularity, expected)
         return fisher, (settings.noise_multiplier, settings.sample_rate, 1)
 
-    def _noise_only_step(self, optimizer: torch.optim.Optimizer, std: float) -> None:
+    def _noise_only_step(self, optimizer: torch.optim.Optimizer, std: float, generator: torch.Generator) -> None:
         """An empty Poisson sample still releases a noised (zero-signal) update."""
         for p in self.params:
-            p.grad = torch.normal(0.0, std, size=p.shape, device=p.device)
+            p.grad = torch.normal(0.0, std, size=p.shape, device=p.device, generator=generator)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -28,6 +28,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, Re
 
 from fedseek.aggregator.compression import CompressionSettings, compress, delta_between
 from fedseek.clients.dp_trainer import LocalTrainer
+from fedseek.clients.site_guard import SiteGuard
+from fedseek.clients.site_policy import PolicyRefusal
 from fedseek.config import PERIOD_SEPARATOR, JobConfig, job_data
 from fedseek.continual.ewc import EWCState
 from fedseek.data.loader import LabelledTexts, read_labelled_file
@@ -110,9 +112,24 @@ def _save_history(context: Context, job: JobConfig, history) -> None:
         "steps": [int(h[2]) for h in history]})
 
 
-def _setup(content: RecordDict, context: Context):
+@dataclasses.dataclass
+class Request:
+    """A received request as the site reads it: the job, this site's records and its guard."""
+
+    config: ConfigRecord
+    job: JobConfig
+    trainer: LocalTrainer
+    institution: str
+    data: EncodedTexts
+    validation: EncodedTexts | None
+    guard: SiteGuard
+
+
+def _setup(content: RecordDict, context: Context) -> Request:
     config = content["config"]
     job = JobConfig.from_flat(dict(config))
+    guard = SiteGuard.for_node(job, dict(context.node_config))
+    guard.check_request(job)  # the site's policy, before any record is read
     label_names = list(config["label-names"])
     active = [int(x) for x in config["active-labels"]] if "active-labels" in config else None
     trainer = trainer_for(job, len(label_names))
@@ -120,7 +137,7 @@ def _setup(content: RecordDict, context: Context):
     if "arrays" in content:  # the global adapter to train/evaluate from (a census has none)
         received = {k: torch.from_numpy(np.asarray(v.numpy())) for k, v in content["arrays"].items()}
         load_trainable_state(trainer.classifier.model, received)
-    return config, job, trainer, name, data, validation
+    return Request(config, job, trainer, name, data, validation, guard)
 
 
 def _tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
@@ -156,18 +173,33 @@ def assumed_history(trainer: LocalTrainer, job: JobConfig, records: int, server_
 
 
 def train_round(content: RecordDict, context: Context) -> RecordDict:
-    """A DP-LoRA round on the received adapter; the reply holds only trainable tensors."""
-    config, job, trainer, name, data, _ = _setup(content, context)
+    """A DP-LoRA round on the received adapter; the reply holds only trainable tensors. The site's
+    policy admits the round (and the rest of the job's plan) first; the round is charged to the
+    site's own history before the reply leaves."""
+    request = _setup(content, context)
+    config, job, trainer, name, data, guard = (request.config, request.job, request.trainer, request.institution,
+                                               request.data, request.guard)
     server_round = int(config["server-round"]) + int(config.get("round-offset", 0))  # a resumed job's rounds
+    rounds = job.federation.rounds
+    if not 1 <= server_round <= rounds or job.optim.local_steps < 1:
+        raise PolicyRefusal("federation.rounds", f"round {server_round} of {rounds} "
+                            f"({job.optim.local_steps} local steps) is outside the job")
     ewc = EWCState.from_flat(_tensors(content["ewc"])) if "ewc" in content else None
     fisher = job.fisher
     planned = [(fisher.noise_multiplier, fisher.sample_rate, 1)] if job.ewc.uses_fisher and job.ewc.fisher_after else []
     history = _history(context, job)
     if not history and server_round > 1 and job.privacy.enabled:
         history = assumed_history(trainer, job, len(data), server_round, planned)
-    result = trainer.train_round(data, job.privacy, job.optim, server_round, job.federation.rounds,
+    if job.privacy.enabled:
+        sigma, q, delta = trainer.plan_noise(job.privacy, job.optim, len(data), rounds, history, planned)
+        step = (sigma, q, job.optim.local_steps)
+        guard.admit(len(data), history, [step], [step] * (rounds - server_round) + planned, delta,
+                    job.privacy.reproducible_noise)
+    result = trainer.train_round(data, job.privacy, job.optim, server_round, rounds,
                                  history, _site_seed(job, name), ewc=ewc, ewc_lambda=job.ewc.lam,
                                  planned=planned if job.privacy.enabled else [])
+    if job.privacy.enabled:
+        guard.charge("train", result.history[-1:], result.delta)
     if result.history:
         _save_history(context, job, result.history)
     trained = {k: v.numpy() for k, v in trainable_state(trainer.classifier.model).items()}
@@ -191,18 +223,25 @@ def train_round(content: RecordDict, context: Context) -> RecordDict:
 
 def fisher_pass(content: RecordDict, context: Context) -> RecordDict:
     """The DP Fisher diagonal of this institution's period records at the received adapter; charged
-    to the same privacy history as training."""
-    _, job, trainer, name, data, _ = _setup(content, context)
+    to the same privacy history as training, and to the site's own history."""
+    request = _setup(content, context)
+    job, trainer, name, data, guard = request.job, request.trainer, request.institution, request.data, request.guard
     settings = dataclasses.replace(job.fisher, clip_norm=job.privacy.clip_norm)
     if not job.privacy.enabled:
         settings = dataclasses.replace(settings, noise_multiplier=0.0)
-    diagonal, entry = trainer.fisher(data, settings, _site_seed(job, name))
+    delta = job.privacy.delta or default_delta(len(data))
+    if job.privacy.enabled:
+        entry = (settings.noise_multiplier, settings.sample_rate, 1)
+        guard.admit(len(data), _history(context, job), [entry], [], delta, job.privacy.reproducible_noise)
+    source = trainer.noise_source(job.privacy, _site_seed(job, name), 0)
+    diagonal, entry = trainer.fisher(data, settings, source)
+    if job.privacy.enabled:
+        guard.charge("fisher", [entry], delta)
     metrics = MetricRecord({"num-examples": len(data),
                             "bytes-up": sum(int(t.numel() * 4) for t in diagonal.values())})
     if job.privacy.enabled:
         history = _history(context, job) + [entry]
         _save_history(context, job, history)
-        delta = job.privacy.delta or default_delta(len(data))
         metrics.update({"fisher-noise-multiplier": entry[0], "fisher-sample-rate": entry[1],
                         "fisher-steps": entry[2], "delta": delta, "epsilon": epsilon(history, delta),
                         "epsilon-rdp": epsilon(history, delta, "rdp")})
@@ -211,23 +250,41 @@ def fisher_pass(content: RecordDict, context: Context) -> RecordDict:
 
 
 def validation_counts(content: RecordDict, context: Context) -> RecordDict:
-    """Correct/total on this institution's validation records of the job's period(s)."""
-    _, _, trainer, name, _, held = _setup(content, context)
-    if held is None:
-        correct, total = 0, 0
-    else:
-        evaluation = trainer.classifier.evaluate(held)
-        correct, total = round(evaluation["accuracy"] * len(held)), len(held)
-    return RecordDict({"metrics": MetricRecord({"correct": correct, "total": total}),
-                       "site": ConfigRecord({"institution": name})})
+    """Correct/total on this institution's validation records of the job's period(s). `correct` is
+    released with Gaussian noise (sensitivity 1, sigma = the site's `validation-noise`) charged like
+    any release, exactly only where the site's policy says `validation-counts=exact`, or refused."""
+    request = _setup(content, context)
+    job, trainer, name, held, guard = (request.job, request.trainer, request.institution, request.validation,
+                                       request.guard)
+    mode = guard.policy.validation_counts
+    if mode == "refuse":
+        raise PolicyRefusal("evaluate.validation", "the site does not release validation counts")
+    metrics = MetricRecord({"correct": 0.0, "total": 0})
+    if held is not None:
+        correct, total = round(trainer.classifier.evaluate(held)["accuracy"] * len(held)), len(held)
+        metrics["total"] = total
+        if mode == "exact":
+            metrics["correct"] = float(correct)
+        else:
+            sigma, delta = guard.policy.validation_noise, job.privacy.delta or default_delta(total)
+            release = (sigma, 1.0, 1)
+            history = _history(context, job)
+            guard.admit(total, history, [release], [], delta, coordinator_chose=False)  # the site's own sigma
+            source = trainer.noise_source(job.privacy, _site_seed(job, name), 1_000_003)
+            noised = correct + sigma * float(source.sampler.normal())
+            guard.charge("validation", [release], delta)
+            _save_history(context, job, history + [release])
+            metrics.update({"correct": float(min(max(noised, 0.0), total)), "noise-multiplier": sigma,
+                            "sample-rate": 1.0, "steps": 1, "delta": delta})
+    return RecordDict({"metrics": metrics, "site": ConfigRecord({"institution": name})})
 
 
 def census(content: RecordDict, context: Context) -> RecordDict:
     """Who this node is and how many training records it holds for the job (counts only): the
     coordinator plans each institution's privacy budget from it before any training."""
-    _, _, _, name, data, _ = _setup(content, context)
-    return RecordDict({"metrics": MetricRecord({"num-examples": len(data)}),
-                       "site": ConfigRecord({"institution": name})})
+    request = _setup(content, context)
+    return RecordDict({"metrics": MetricRecord({"num-examples": len(request.data)}),
+                       "site": ConfigRecord({"institution": request.institution})})
 
 
 HANDLERS = {"train": train_round, "train.fisher": fisher_pass, "evaluate.validation": validation_counts,

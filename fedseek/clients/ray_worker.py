@@ -32,8 +32,9 @@ class SiteWorker:
 
     def handle(self, kind: str, content: RecordDict, context: Context) -> tuple[RecordDict, RecordDict]:
         from fedseek.clients.handlers import HANDLERS
+        from fedseek.clients.refusals import run_guarded
 
-        reply = HANDLERS[kind](content, context)
+        reply = run_guarded(kind, HANDLERS[kind], content, context)  # details stay in this log
         return reply, context.state
 
     def resources(self) -> dict:

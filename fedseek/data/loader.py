@@ -29,7 +29,12 @@ _warned: set[tuple[str, str]] = set()
 
 
 class DataError(ValueError):
-    """A data file cannot be used; the message names the file (and line) at fault."""
+    """A data file cannot be used; the message names the file (and line) at fault. `field`: the
+    job setting (e.g. `data.label_column`) whose value led here, the only part a site sends back."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass
@@ -132,22 +137,24 @@ def read_labelled_file(path: str | Path, text_column: str, label_column: str,
                          ("--period-column", period_column)):
         if column is not None and column not in columns:
             raise DataError(f"{path}: column {column!r} ({role}) not found; "
-                            f"columns are {sorted(columns)}")
+                            f"columns are {sorted(columns)}", "data." + role[2:].replace("-", "_"))
     texts, raw_labels, periods, lines = [], [], [], []
     ids: dict[str, int] = {}
     for line, record in rows:
         text, label = record.get(text_column), record.get(label_column)
         if text is None or not str(text).strip():
-            raise DataError(f"{path}:{line}: empty {text_column!r}")
+            raise DataError(f"{path}:{line}: empty {text_column!r}", "data.text_column")
         if not isinstance(text, (str, int, float)) or isinstance(text, bool):
-            raise DataError(f"{path}:{line}: {text_column!r} must be text, got {type(text).__name__}")
+            raise DataError(f"{path}:{line}: {text_column!r} must be text, got {type(text).__name__}",
+                            "data.text_column")
         if len(str(text)) > MAX_TEXT_CHARS:
             raise DataError(f"{path}:{line}: {text_column!r} is {len(str(text))} characters, more than "
-                            f"the {MAX_TEXT_CHARS} allowed")
+                            f"the {MAX_TEXT_CHARS} allowed", "data.text_column")
         if label is None or str(label).strip() == "":
-            raise DataError(f"{path}:{line}: empty {label_column!r}")
+            raise DataError(f"{path}:{line}: empty {label_column!r}", "data.label_column")
         if isinstance(label, (dict, list, bool)):
-            raise DataError(f"{path}:{line}: {label_column!r} must be a class name or number, got {label!r}")
+            raise DataError(f"{path}:{line}: {label_column!r} must be a class name or number, got {label!r}",
+                            "data.label_column")
         if ID_COLUMN in record and ID_COLUMN not in (text_column, label_column):
             key = str(record[ID_COLUMN]).strip()
             if key in ids:
@@ -164,7 +171,7 @@ def read_labelled_file(path: str | Path, text_column: str, label_column: str,
     for line, label in zip(lines, raw_labels):
         if label not in index:
             raise DataError(f"{path}:{line}: label {label!r} in {label_column!r} is not one of "
-                            f"the {len(label_names)} training labels")
+                            f"the {len(label_names)} training labels", "data.label_column")
     labels = np.array([index[label] for label in raw_labels], dtype=np.int64)
     _warn_duplicates(path, texts, lines)
     return LabelledTexts(texts, labels, list(label_names), periods or None, str(path), lines)

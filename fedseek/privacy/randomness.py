@@ -1,0 +1,36 @@
+"""Where DP noise and Poisson sampling draw their randomness (pure: numpy, torch, the OS).
+
+DP-SGD is only private if the party that sees the released update cannot regenerate the noise
+added to it. By default both the sampler and the noise generator are seeded from the operating
+system's CSPRNG (`secrets`, i.e. os.urandom) inside the node's process: nothing in the job's
+config, the institution's name or the round number determines them, and the seed is never
+stored or sent. A fixed seed exists only for tests and benchmarks (`reproducible=True`), and a
+job that uses it is NOT private (report.json, the ledger and MLflow say so; tracked and deployed
+jobs refuse it).
+"""
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class NoiseSource:
+    """The sampler and the noise generator of one DP release (a round, a Fisher pass, a count)."""
+
+    sampler: np.random.Generator  # Poisson sampling of records
+    noise: torch.Generator  # Gaussian noise (passed to Opacus' DPOptimizer as its `generator`)
+    private: bool  # False: regenerable from `seed` (tests and benchmarks only)
+
+
+def noise_source(reproducible_seed: int | tuple[int, ...] | None = None,
+                 device: str | torch.device = "cpu") -> NoiseSource:
+    """A fresh, secretly seeded source; with `reproducible_seed`, a deterministic one (not private)."""
+    private = reproducible_seed is None
+    sampler = np.random.default_rng(secrets.randbits(128) if private else reproducible_seed)
+    noise = torch.Generator(device=device)
+    noise.manual_seed(secrets.randbits(63) if private else int(sampler.integers(2**63)))
+    return NoiseSource(sampler, noise, private)
