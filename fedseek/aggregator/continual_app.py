@@ -6,10 +6,11 @@ server aggregates them (example-weighted, FedCurv-style), normalises, consolidat
 anchor θ* and ships both with every later period's train messages (`ewc` record). After each period
 the global adapter is scored on every period's test split: the accuracy matrix a[i][j].
 
-`compare` runs further methods (e.g. naive, joint) in the same run as separate study arms: each arm
-keeps its own privacy history at the institutions (a what-if comparison, not one deployment).
-`tune` picks λ from candidates on the institutions' validation splits of the first two periods
-(never the test set) before the main arm runs.
+`compare` runs further methods (e.g. naive, joint) in the same run as further arms; `tune` picks λ
+from candidates on the institutions' validation splits of the first two periods (never the test
+set) before the main arm runs. Every arm's period jobs go through the reporter like any job (with
+platform tracking: pre-flight and ledger, charged to the same institutions), and noised
+validation counts are charged too (`validation_reply`, `PlatformReporter.charge_counts`).
 """
 from __future__ import annotations
 
@@ -155,14 +156,22 @@ class ContinualRunner:
         pjob.data.period = period
         data = job_data(pjob)
         content = RecordDict({"arrays": arrays, "config": self.message_config(pjob, data)})
+        bound = getattr(self, "nodes", None)  # node id -> institution, when bound by a census
         messages = [Message(content, dst_node_id=node, message_type="evaluate.validation")
-                    for node in self.grid.get_node_ids()]
-        correct = total = 0
+                    for node in self.grid.get_node_ids() if bound is None or node in bound]
+        correct = total = 0.0
+        releases = []
         for reply in self.grid.send_and_receive(messages):
             if not reply.has_error():
-                correct += int(reply.content["metrics"]["correct"])
-                total += int(reply.content["metrics"]["total"])
-        return correct / total if total else float("nan")
+                name = bound.get(reply.metadata.src_node_id) if bound is not None else None
+                counts, release = validation_reply(reply, name)
+                if counts is not None:
+                    correct, total = correct + counts[0], total + counts[1]
+                releases += [release] if release else []
+        charge_counts = getattr(self.reporter, "charge_counts", None)  # the platform ledger, if tracked
+        if charge_counts is not None and releases:
+            charge_counts(pjob, releases)
+        return min(max(correct / total, 0.0), 1.0) if total > 0 else float("nan")
 
     # -- sequences ----------------------------------------------------------------------------
     def run_arm(self, method: str, lam: float, study: str, out: Path) -> dict:
@@ -205,8 +214,35 @@ class ContinualRunner:
         best = max(scores, key=lambda lam: (scores[lam], -lam))
         return best, {"candidates": candidates, "validation_acc": {f"{k:g}": v for k, v in scores.items()},
                       "chosen": best, "periods": self.periods[:2],
-                      "note": "validation splits only; the tuning arms spend their own ε on the first "
-                              "two periods' records (a pre-study, reported separately)"}
+                      "note": "validation splits only; the tuning arms are charged to the institutions' "
+                              "ledger like any job (the first two periods' records)"}
+
+
+def validation_reply(reply: Message, institution: str | None = None
+                     ) -> tuple[tuple[float, float] | None, dict | None]:
+    """((correct, total) or None if unusable, ledger charge or None) of an `evaluate.validation`
+    reply, charged to `institution` (the node's bound name; else the reply's own). Counts the site
+    noised carry `noise-multiplier` (std of the Gaussian over the released counts' L2 sensitivity
+    1: `correct`; `total`, like num-examples, is a disclosed count), `sample-rate`, `steps` and
+    `delta`: a release, charged like any other (at sample rate 1, whatever rate the reply claims).
+    Exact counts (a site policy that allows them) carry none and are not charged."""
+    metrics = reply.content["metrics"]
+    site = institution or (str(reply.content["site"]["institution"]) if "site" in reply.content else None)
+    counts = (float(metrics.get("correct", float("nan"))), float(metrics.get("total", float("nan"))))
+    usable = all(np.isfinite(c) for c in counts)
+    if "noise-multiplier" not in metrics:
+        return (counts if usable else None), None
+    sigma, delta = float(metrics["noise-multiplier"]), float(metrics.get("delta", float("nan")))
+    steps = float(metrics.get("steps", 1))
+    bad = [name for name, ok in (("noise-multiplier", np.isfinite(sigma) and sigma > 0),
+                                 ("delta", 0 < delta < 1), ("steps", 1 <= steps <= 1e6 and steps == int(steps)),
+                                 ("institution", bool(site)))
+           if not ok]
+    if bad:  # unaccountable: neither use the counts nor guess a charge
+        logger.warning("validation reply from node %s ignored: bad %s", reply.metadata.src_node_id, ", ".join(bad))
+        return None, None
+    return (counts if usable else None), {"institution": site, "sigma": sigma, "delta": delta, "counts": 1,
+                                          "steps": int(steps)}
 
 
 def run_continual(grid: Grid, job: JobConfig, reporter: Reporter | None = None,

@@ -60,7 +60,7 @@ def simulate(
     batch_fraction: float = typer.Option(0.125, min=1e-4, max=1.0, help="Poisson sampling rate q (expected batch = q*N)."),
     learning_rate: float = typer.Option(2e-2, min=0.0, help="Peak Adam learning rate (warmup, then cosine)."),
     epsilon: float = typer.Option(8.0, min=0.01, help="Privacy budget per institution for the whole job."),
-    delta: float = typer.Option(None, help="delta (default min(1e-5, 1/N^1.1) per institution)."),
+    delta: float = typer.Option(None, help="delta (default min(1e-5, 0.01/N) per institution: N·delta <= 0.01)."),
     noise_multiplier: float = typer.Option(None, help="Give sigma directly instead of deriving it from --epsilon."),
     clip_norm: float = typer.Option(1.0, min=1e-6, help="Per-sample gradient clipping norm C."),
     no_dp: bool = typer.Option(False, "--no-dp", help="Train without differential privacy (for comparison)."),
@@ -155,10 +155,9 @@ def simulate(
 
         arms = tuple(m.strip() for m in compare.split(",") if m.strip())
         lambdas = tuple(float(x) for x in tune_lambda.split(",") if x.strip())
-        if track and (arms or lambdas):
-            console.print("note: comparison and tuning arms are a what-if study: not recorded in the "
-                          "platform ledger or registry (run one method to record it)")
-        result = run_job(job, RichReporter(console), verbose=verbose, track=track and not (arms or lambdas),
+        # every arm (comparison methods, λ-tuning candidates) is a platform job: pre-flight checked
+        # and charged to the same institutions' ledger as the main method
+        result = run_job(job, RichReporter(console), verbose=verbose, track=track,
                          cpus_per_client=cpus_per_client,
                          run=lambda grid, j, r: run_continual(grid, j, r, compare=arms, tune=lambdas,
                                                               tune_only=tune_only))

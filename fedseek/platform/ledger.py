@@ -1,8 +1,10 @@
 """The privacy ledger in the platform DB: what each institution has spent, the pre-flight
 projection of a job, and the atomic commit of a round with its ledger entries.
 
-Composition follows `fedseek.privacy.ledger_math` (sequential over `all` releases, parallel over
-disjoint continual-learning periods). An institution a job meets for the first time is registered
+Composition follows `fedseek.privacy.ledger_math`: an entry's `data_scope` is a `DataScope` key
+(dataset fingerprint, period scheme with its parameters, slice; `fedseek.config.data_scope`), and
+only slices of one scheme over one dataset compose in parallel, everything else (and every legacy
+key of an older DB) sequentially. An institution a job meets for the first time is registered
 automatically with `FEDSEEK_DEFAULT_EPSILON_MAX` (register it beforehand with
 `fedseek institutions add` to set its own budget). Jobs without DP are not charged: they carry no
 guarantee at all, and the job row records that DP was off.
@@ -16,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from fedseek.platform.db import Institution, LedgerEntry, Round
 from fedseek.privacy.accountant import default_delta, noise_for_budget
-from fedseek.privacy.ledger_math import Release, institution_epsilon
+from fedseek.privacy.ledger_math import Release, counts_release, institution_epsilon
 
 KINDS = ("hospital", "bank", "site")
 
@@ -125,6 +127,18 @@ def add_entries(session: Session, job_id: int, round_number: int, entries: list[
             delta=entry["delta"], epsilon_after=institution_epsilon(history, at),
             epsilon_rdp_after=institution_epsilon(history, at, "rdp")))
         session.flush()
+
+
+def count_entries(entries: list[dict], scope: str) -> list[dict]:
+    """Ledger entries (kind `validation`) of noised record counts: `entries` hold institution,
+    sigma (std per count, sensitivity 1), delta and optionally counts (how many counts were noised,
+    default 1) and steps (default 1); see `ledger_math.counts_release`."""
+    charged = []
+    for entry in entries:
+        release = counts_release(scope, entry["sigma"], int(entry.get("counts", 1)), int(entry.get("steps", 1)))
+        charged.append({"institution": entry["institution"], "kind": "validation", "sigma": release.sigma,
+                        "q": release.q, "steps": release.steps, "delta": float(entry["delta"])})
+    return charged
 
 
 def _finite(value) -> float | None:

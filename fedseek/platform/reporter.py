@@ -18,18 +18,19 @@ from fedseek.platform.registry import model_name, version_tags
 from fedseek.platform.resume import owner
 from fedseek.platform.settings import PlatformSettings, load_settings
 from fedseek.platform.tracking import Outbox, flush_all
-from fedseek.privacy.ledger_math import Release, institution_epsilon
+from fedseek.privacy.ledger_math import DataScope, Release, institution_epsilon
 
 
 class StopJob(StopFederation):
     """The next round would exceed a budget: end the job cleanly after the committed round."""
 
 
-def data_scope(job) -> str:
-    """The disjoint record slice the job trains on (continual-learning period), else "all"."""
-    scope = getattr(job.data, "period_scope", None)
-    scope = scope() if callable(scope) else scope
-    return scope or "all"
+def data_scope(job, runner: str = "simulate") -> str:
+    """The ledger scope key of `job`: its dataset's fingerprint, period scheme and slice
+    (`fedseek.config.data_scope`); deployed jobs use the declared data identity."""
+    from fedseek.config import data_scope as scope_key, dataset_fingerprint
+
+    return scope_key(job, dataset_fingerprint(job, deployed=runner == "deploy"))
 
 
 def adapter_sha256(directory: Path) -> str:
@@ -63,28 +64,37 @@ class PlatformReporter:
         self.rows: list[dict] = []
         self.resumed = None  # the ResumePoint of a resumed job
         self.checkpoint_sha256: dict[int, str] = {}  # round -> digest of its written checkpoint
+        self.scope = "all"  # the current job's ledger scope key (set by preflight/attach)
+        self.preflighted: dict | None = None  # the flat config the current job row was checked for
 
     # -- before Ray starts -------------------------------------------------------------------
     def preflight(self, job, data) -> list[ledger.Projection]:
         """Record the job and refuse it (BudgetExceeded, job row 'refused') if any institution's
-        projected epsilon exceeds its budget."""
-        scope, plans = data_scope(job), {}
+        projected epsilon exceeds its budget. A job row checked but not started yet (the caller's
+        early pre-flight of a continual run's first job) is re-checked for `job` in place."""
+        scope, plans = data_scope(job, self.runner), {}
         if job.privacy.enabled:
             plans = {n: ledger.planned_releases(job, len(t), scope) for n, t in zip(data.institutions, data.train)}
+        period = DataScope.parse(scope).slice
         with session_scope(self.db) as session:
             projections = ledger.project(session, plans, self.settings.default_epsilon_max)
             task = get_or_create_task(session, data.task)
-            if scope != "all" and not any(p.name == scope for p in task.periods):
-                session.add(Period(task_id=task.id, name=scope, position=len(task.periods)))
-            row = Job(task_id=task.id, data_scope=scope, status="running", config_json=json.dumps(job.to_flat()),
-                      planned_rounds=job.federation.rounds, runner=self.runner, owner=owner())
-            session.add(row)
+            if period != "all" and not any(p.name == period for p in task.periods):
+                session.add(Period(task_id=task.id, name=period, position=len(task.periods)))
+            row = session.get(Job, self.job_id) if self.job_id is not None and not self.finished else None
+            if row is None:
+                row = Job(task_id=task.id, status="running", planned_rounds=0, config_json="{}",
+                          runner=self.runner, owner=owner())
+                session.add(row)
+            row.data_scope, row.config_json = scope, json.dumps(job.to_flat())
+            row.planned_rounds = job.federation.rounds
             session.flush()
-            self.job_id, self.finished = row.id, False
+            self.job_id, self.finished, self.scope, self.preflighted = row.id, False, scope, job.to_flat()
         try:
             ledger.check_budget(projections)
         except ledger.BudgetExceeded as refusal:
             self._close("refused", str(refusal))
+            self.finished = True  # nothing of it ran: a later fail() must not relabel it
             raise
         return projections
 
@@ -92,8 +102,8 @@ class PlatformReporter:
     def start(self, job, data, initial) -> None:
         if self.resumed is not None:
             return self._restart(job, data, initial)
-        if self.job_id is None or self.finished:  # not pre-flighted yet, or the next period's job
-            self.preflight(job, data)
+        if self.job_id is None or self.finished or self.preflighted != job.to_flat():
+            self.preflight(job, data)  # not pre-flighted yet (or for another config), or the next job
         self.job, self.task = job, data.task
         self.steps_seen, self.rows = {}, []
         self.outbox = Outbox(self.settings.outbox_dir, f"job-{self.job_id:06d}")
@@ -109,10 +119,10 @@ class PlatformReporter:
                   "clip": job.privacy.clip_norm, "target_epsilon": job.privacy.target_epsilon,
                   "delta": job.privacy.delta, "dp": job.privacy.enabled, "rounds": job.federation.rounds,
                   "local_steps": job.optim.local_steps, "lora_rank": job.lora.rank, "ffa": job.lora.ffa,
-                  "institutions": ",".join(data.institutions), "data_scope": data_scope(job)}
+                  "institutions": ",".join(data.institutions), "data_scope": self.scope}
         self.outbox.append("run", key="job", experiment=data.task, name=f"job-{self.job_id}",
                            db_url=self.db, job_id=self.job_id,
-                           tags={"fedseek.job_id": self.job_id, "fedseek.data_scope": data_scope(job)})
+                           tags={"fedseek.job_id": self.job_id, "fedseek.data_scope": self.scope})
         self.outbox.append("params", key="job", params={k: str(v) for k, v in params.items() if v is not None})
         for name, records in zip(data.institutions, data.train):
             self.outbox.append("run", key=f"institution:{name}", parent="job", experiment=data.task,
@@ -125,6 +135,7 @@ class PlatformReporter:
         self.steps_seen, self.rows = dict(point.steps), list(point.rows)
         with session_scope(self.db) as session:
             row = session.get(Job, point.job_id)
+            self.scope = row.data_scope  # the scope it was charged under, even if a file changed since
             row.status, row.owner, row.finished_at = "running", owner(), None
             row.message = f"resumed after round {point.committed}"
 
@@ -159,7 +170,7 @@ class PlatformReporter:
     def round(self, row: dict) -> None:
         entries = self._ledger_entries(row)
         with session_scope(self.db) as session:  # the round, its ledger entries and checkpoint digest
-            ledger.commit_round(session, self.job_id, row, entries, data_scope(self.job),
+            ledger.commit_round(session, self.job_id, row, entries, self.scope,
                                 self.job.privacy.clip_norm, self.settings.default_epsilon_max,
                                 self.checkpoint_sha256.get(int(row["round"])))
             session.flush()
@@ -186,10 +197,10 @@ class PlatformReporter:
             version_id = version.id
             if self.job.privacy.enabled:  # the DP Fisher passes that followed the rounds
                 fisher = [_fisher_entry(e) for e in report.get("fisher") or [] if "fisher_steps" in e]
-                ledger.add_entries(session, self.job_id, len(self.rows), fisher, data_scope(self.job),
+                ledger.add_entries(session, self.job_id, len(self.rows), fisher, self.scope,
                                    self.job.privacy.clip_norm, self.settings.default_epsilon_max)
         self._log_artifacts(report, out)
-        tags = version_tags(report, self.job_id, data_scope(self.job))
+        tags = version_tags(report, self.job_id, self.scope)
         self.outbox.append("register", key="job", model=model_name(self.task), artifact_path="adapter",
                            tags=tags, db_url=self.db, adapter_version_id=version_id)
         if self.settings.auto_promote and not stopped:
@@ -230,7 +241,7 @@ class PlatformReporter:
 
         from fedseek.platform.db import Institution
 
-        scope = data_scope(self.job)
+        scope = self.scope
         with session_scope(self.db) as session:
             for entry in (e for e in entries if e["kind"] == "train"):
                 inst = session.scalars(select(Institution).filter_by(name=entry["institution"])).one()
@@ -268,8 +279,19 @@ class PlatformReporter:
         for path in files:
             self.outbox.append("artifact", key="job", path=str(path), artifact_path="plots")
 
+    def charge_counts(self, job, entries: list[dict]) -> None:
+        """Charge noised record counts (`evaluate.validation` replies; `ledger.count_entries`) on
+        `job`'s records to the ledger, with the current platform job."""
+        scope = data_scope(job, self.runner)
+        with session_scope(self.db) as session:
+            ledger.add_entries(session, self.job_id, len(self.rows), ledger.count_entries(entries, scope), scope,
+                               0.0, self.settings.default_epsilon_max)
+
     def fail(self, message: str) -> None:
-        """Mark the job failed (the federation raised); its committed rounds stay in the ledger."""
+        """Mark the job failed (the federation raised); its committed rounds stay in the ledger.
+        A job already closed (finished, stopped or refused) keeps its status."""
+        if self.finished:
+            return
         if self.job_id is not None:
             self._close("failed", message)
         if self.outbox is not None:

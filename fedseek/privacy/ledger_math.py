@@ -79,10 +79,10 @@ class Release:
     steps: int
 
 
-def counts_release(scope: str, sigma: float, counts: int = 2, steps: int = 1) -> Release:
+def counts_release(scope: str, sigma: float, counts: int = 1, steps: int = 1) -> Release:
     """`steps` Gaussian releases of `counts` record counts (each of sensitivity 1, std `sigma`), e.g.
-    a site's noised (correct, total) validation counts: one record moves each count by at most 1,
-    so the L2 sensitivity is sqrt(counts) and the noise multiplier sigma/sqrt(counts), at rate 1."""
+    a site's noised validation count: one record moves each count by at most 1, so the L2
+    sensitivity is sqrt(counts) and the noise multiplier sigma/sqrt(counts), at rate 1."""
     return Release(scope, float(sigma) / math.sqrt(max(int(counts), 1)), 1.0, max(int(steps), 1))
 
 
