@@ -78,6 +78,10 @@ def link(tmp_path_factory):
     fed = LocalFederation(root, env)
     try:
         fed.start_superlink(("hospital_a", "intruder"))
+        # an intruder's SuperNode without a registered key tries to register itself (checked below)
+        fed.spawn("keyless", [str(BIN / "flower-supernode"), "--superlink", fed.fleet, "--root-certificates",
+                              "certs/ca.crt", "--node-config", 'institution="intruder"', "--port", str(free_port()),
+                              "--max-wait-time", "15"])
         # the operator admits hospital_a on the control listener (Flower's registration, as `fedseek deploy
         # register` does it; that command's platform-DB binding is exercised in test_deployment.py)
         operator_flwr(fed, "supernode", "register", "keys/hospital_a.pub")
@@ -156,10 +160,7 @@ def test_control_and_runtime_routes_are_refused_on_the_published_port_only(link)
 
 
 def test_a_supernode_without_a_registered_key_cannot_register_itself(link):
-    keyless = link.spawn("keyless", [str(BIN / "flower-supernode"), "--superlink", link.fleet, "--root-certificates",
-                                     "certs/ca.crt", "--node-config", 'institution="intruder"', "--port",
-                                     str(free_port()), "--max-wait-time", "15"])
-    assert keyless.wait(timeout=120) != 0
+    assert link.named["keyless"][1].wait(timeout=120) != 0
     assert "SuperNode authentication is enabled. All SuperNodes must be registered via the CLI" in link.log("keyless")
 
 
