@@ -22,12 +22,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
+from fedseek.aggregator.reply_trust import ReplyTrust, fisher_reply
 from fedseek.aggregator.server_app import (Reporter, SilentReporter, StopFederation, _round_row, _tensors,
-                                           build_report)
-from fedseek.aggregator.strategy import AdapterFedAvg
+                                           build_report, census, reply_trust)
+from fedseek.aggregator.strategy import AdapterFedAvg, reply_origin
 from fedseek.config import PERIOD_SEPARATOR, JobConfig, job_data, period_names
 from fedseek.continual.ewc import EWCState, consolidate, normalise_fisher
 from fedseek.continual.fisher import restrict_rows, weighted_fisher
@@ -58,6 +60,12 @@ class ContinualRunner:
             self.tests[name] = self.classifier.encode(data.test.texts, data.test.labels,
                                                       active_labels=data.active_labels)
         self.initial = _records(trainable_state(self.classifier.model))
+        # node id -> institution, bound once by a census (names and counts checked against the split)
+        first = copy.deepcopy(job)
+        first.data.period = self.periods[0]
+        first_data = job_data(first)
+        self.nodes = {node: name for name, node in census(grid, first, expected=first_data,
+                                                          config=self.message_config(first, first_data))[1].items()}
 
     # -- one period ---------------------------------------------------------------------------
     def period_job(self, method: str, names: list[str], lam: float, fisher_after: bool,
@@ -76,8 +84,9 @@ class ContinualRunner:
         data = job_data(job)
         train_config = self.message_config(job, data)
         extra = {"ewc": _records(state.to_flat())} if job.ewc.uses_fisher and len(state) else None
+        trust = reply_trust(job, data, self.nodes)
         strategy = AdapterFedAvg(job.federation.institutions, job.compression, extra_records=extra,
-                                 robust=job.robust)
+                                 robust=job.robust, node_names=self.nodes, trust=trust)
         test = self.tests[job.data.period] if job.data.period in self.tests else None
         load_trainable_state(self.classifier.model, _tensors(arrays))
         initial = self.classifier.evaluate(test) if test else {"accuracy": float("nan"), "loss": float("nan")}
@@ -104,14 +113,15 @@ class ContinualRunner:
             return {"arrays": arrays, "state": state, "report": report, "seconds": time.time() - started,
                     "stopped": str(stop)}
         epsilon = {e["institution"]: e.get("epsilon") for e in strategy.round_log.get(job.federation.rounds, [])}
-        fisher_log: list[dict] = []
+        fisher, fisher_log = None, []
         if job.ewc.fisher_after:
-            fisher, fisher_log = self.federated_fisher(result.arrays, train_config)
+            fisher, fisher_log = self.federated_fisher(result.arrays, train_config, trust, job)
+            epsilon.update({e["institution"]: e["epsilon"] for e in fisher_log if "epsilon" in e})
+        if fisher is not None:
             if data.active_labels is not None:
                 heads = [n for n, t in fisher.items() if "modules_to_save" in n and t.shape[0] == len(self.label_names)]
                 fisher = restrict_rows(fisher, heads, list(data.active_labels))
             state = consolidate(state, normalise_fisher(fisher), _tensors(result.arrays), job.ewc)
-            epsilon.update({e["institution"]: e.get("epsilon") for e in fisher_log})
         load_trainable_state(self.classifier.model, _tensors(result.arrays))
         report = build_report(job, data, self.classifier, initial, rows, strategy.round_log, started)
         report.update(period=job.data.period, data_scope=job.data.period_scope, fisher=fisher_log,
@@ -134,20 +144,29 @@ class ContinualRunner:
             config["active-labels"] = list(data.active_labels)
         return ConfigRecord(config)
 
-    def federated_fisher(self, arrays: ArrayRecord, config: ConfigRecord) -> tuple[dict, list[dict]]:
-        """Every institution's DP Fisher diagonal at `arrays`, aggregated by examples."""
+    def federated_fisher(self, arrays: ArrayRecord, config: ConfigRecord, trust: ReplyTrust,
+                         job: JobConfig) -> tuple[dict | None, list[dict]]:
+        """Every bound institution's DP Fisher diagonal at `arrays`, aggregated by (capped) examples.
+        A bad reply is left out with its reason in the log (its privacy claims still charged, no
+        less than the plan); None if no reply was usable (the period is then not consolidated)."""
         messages = [Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=node,
-                            message_type="train.fisher") for node in self.grid.get_node_ids()]
+                            message_type="train.fisher") for node in self.grid.get_node_ids() if node in self.nodes]
+        origin, reference = reply_origin(messages), {k: v.numpy() for k, v in arrays.items()}
+        limit = job.robust.byte_limit(reference)
         fishers, weights, log = [], [], []
         for reply in self.grid.send_and_receive(messages):
-            if reply.has_error():
-                raise RuntimeError(f"Fisher pass failed at node {reply.metadata.src_node_id}: "
-                                   f"{reply.error.reason}")
-            metrics = reply.content["metrics"]
-            fishers.append(_tensors(reply.content["arrays"]))
-            weights.append(float(metrics["num-examples"]))
-            log.append({"institution": str(reply.content["site"]["institution"]), "kind": "fisher",
-                        **{k.replace("-", "_"): float(v) for k, v in metrics.items()}})
+            entry, fisher = fisher_reply(reply, origin(reply), self.nodes, trust, reference, limit)
+            log.append(entry)
+            if fisher is None:
+                logger.warning("Fisher reply of %s (node %s) left out: %s", entry["institution"], entry["node_id"],
+                               entry["rejected"])
+            else:
+                fishers.append({k: torch.from_numpy(np.array(v)) for k, v in fisher.items()})
+                weights.append(entry["num_examples"])
+        if not fishers:
+            logger.error("no usable Fisher reply: the period is not consolidated (%s)",
+                         "; ".join(f"{e['institution']}: {e['rejected']}" for e in log) or "no replies")
+            return None, sorted(log, key=lambda e: e["institution"])
         return weighted_fisher(fishers, weights), sorted(log, key=lambda e: e["institution"])
 
     def validate(self, arrays: ArrayRecord, job: JobConfig, period: str) -> float:

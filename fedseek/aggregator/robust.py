@@ -80,6 +80,20 @@ def validate_update(update: Tensors, reference: Tensors, max_bytes: int | None =
     return None
 
 
+def validate_fisher(fisher: Tensors, reference: Tensors, max_bytes: int | None = None) -> str | None:
+    """Why a Fisher diagonal cannot be aggregated, or None: the checks of `validate_update`, and no
+    negative entry (clients clamp the noisy sums at 0; a negative Fisher would push parameters
+    away from their anchor)."""
+    reason = validate_update(fisher, reference, max_bytes)
+    if reason:
+        return reason
+    for name, value in fisher.items():
+        negative = int(np.count_nonzero(np.asarray(value) < 0))
+        if negative:
+            return f"negative values: {negative} in {name} (a Fisher diagonal is non-negative)"
+    return None
+
+
 def delta_norm(update: Tensors, reference: Tensors) -> float:
     """L2 norm of update − reference over all tensors (float64)."""
     total = 0.0

@@ -19,6 +19,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from fedseek.aggregator.reply_trust import Plans, ReplyTrust
 from fedseek.aggregator.strategy import AdapterFedAvg, reply_origin
 from fedseek.config import JobConfig, data_arguments
 from fedseek.data.tasks import FederatedData, load_federated_data
@@ -61,7 +62,8 @@ def run_federation(grid: Grid, job: JobConfig, reporter: Reporter | None = None,
                    resume=None) -> dict:
     """Run the whole job on `grid` and return the report (also written to `out/report.json`).
     `sites`: the institutions as a census found them (deployment), reported instead of the
-    server's own view of the data; `nodes`: node id -> institution, the only nodes that train;
+    server's own view of the data; `nodes`: node id -> institution, the only nodes that train
+    (without them, i.e. in simulation, a census binds each node id to its institution first);
     `resume`: a `fedseek.platform.resume.ResumePoint` (rounds 1..k committed): go on from round k+1."""
     reporter = reporter or SilentReporter()
     started = time.time()
@@ -74,10 +76,13 @@ def run_federation(grid: Grid, job: JobConfig, reporter: Reporter | None = None,
     if resume and resume.tensors is not None:
         load_trainable_state(classifier.model, {k: torch.from_numpy(np.array(v)) for k, v in resume.tensors.items()})
     initial_arrays = ArrayRecord({k: Array(v.numpy()) for k, v in trainable_state(classifier.model).items()})
+    if nodes is None:  # simulation: bind node ids to institutions, counts checked against the split
+        nodes = {node: name for name, node in census(grid, job, expected=data)[1].items()}
+    trust = reply_trust(job, sites or data, nodes, done)
     reporter.start(job, sites or data, initial)
     strategy = AdapterFedAvg(job.federation.institutions, job.compression, robust=job.robust,
                              node_names=nodes, min_institutions=job.federation.min_institutions,
-                             rejoin_wait=job.federation.rejoin_wait)
+                             rejoin_wait=job.federation.rejoin_wait, trust=trust)
     rows: list[dict] = list(resume.rows) if resume else []
     checkpoint = getattr(reporter, "checkpoint", None)
 
@@ -90,6 +95,8 @@ def run_federation(grid: Grid, job: JobConfig, reporter: Reporter | None = None,
         rows.append(_round_row(done + server_round, evaluation, strategy.round_log.get(server_round, []), started))
         if strategy.dropped_log.get(server_round):
             rows[-1]["dropped"] = strategy.dropped_log[server_round]
+        if strategy.aggregate_log.get(server_round):
+            rows[-1]["aggregate_rejected"] = strategy.aggregate_log[server_round]
         if checkpoint:  # the global adapter of this round, on disk before the round is committed
             checkpoint(done + server_round, {k: v.numpy() for k, v in tensors.items()})
         reporter.round(rows[-1])
@@ -117,6 +124,14 @@ def run_federation(grid: Grid, job: JobConfig, reporter: Reporter | None = None,
         (Path(job.federation.out) / "report.json").write_text(json.dumps(report, indent=2))
     reporter.finish(report)
     return report
+
+
+def reply_trust(job: JobConfig, data: FederatedData, nodes: dict[int, str], done: int = 0) -> ReplyTrust:
+    """What the coordinator knows of each bound node: its institution's record count in `data`
+    (census counts in deployment, the server's own split in simulation) and, with DP, its plan."""
+    counts = {name: len(rows) for name, rows in zip(data.institutions, data.train)}
+    records = {node: counts[name] for node, name in nodes.items() if name in counts}
+    return ReplyTrust(records, Plans(job, records) if job.privacy.enabled else None, done)
 
 
 def _round_row(server_round: int, evaluation: dict, clients: list[dict], started: float) -> dict:
@@ -180,14 +195,41 @@ class RecordCount:
 
 
 class CensusError(RuntimeError):
-    """Not enough institutions connected, or one refused the census."""
+    """Not enough institutions connected, or one refused the census, or a census reply is unusable."""
 
 
-def census(grid: Grid, job: JobConfig, timeout: float = 300.0) -> tuple[FederatedData, dict[str, int]]:
+MAX_RECORDS = 10**9  # a larger record count is not a plausible census answer
+MAX_NAME = 200
+
+
+def census_site(reply: Message, node: int) -> tuple[str, int]:
+    """(institution name, record count) of one census reply; CensusError naming the node and field
+    for anything a correct client never sends."""
+    content = reply.content
+    site = content.config_records.get("site")
+    name = site.get("institution") if site is not None else None
+    if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME or not name.isprintable():
+        raise CensusError(f"census reply of node {node}: field site.institution must be a non-empty printable "
+                          f"name of at most {MAX_NAME} characters")
+    metrics = content.metric_records.get("metrics")
+    count = metrics.get("num-examples") if metrics is not None else None
+    if isinstance(count, float) and count.is_integer():
+        count = int(count)
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_RECORDS:
+        shown = "missing" if count is None else f"{count!r}"[:40]
+        raise CensusError(f"census reply of node {node} ({name[:60]}): field num-examples must be a whole number "
+                          f"of records in 1..{MAX_RECORDS:.0e}, got {shown}")
+    return name, count
+
+
+def census(grid: Grid, job: JobConfig, timeout: float = 300.0, expected: FederatedData | None = None,
+           config: ConfigRecord | None = None) -> tuple[FederatedData, dict[str, int]]:
     """Wait for the job's `institutions` SuperNodes, ask each for its name and record count
     (`query.census`) and return the server's data view with those institutions and counts, plus
-    institution -> node id. Counts are all that is revealed (they are sent with every update)."""
-    data = load_federated_data(**data_arguments(job))
+    institution -> node id. Counts are all that is revealed (they are sent with every update).
+    `expected` (simulation: the server's own split): names and counts must be exactly its own;
+    `config`: the message config (default: the job's flat config and label names)."""
+    data = expected or load_federated_data(**data_arguments(job))
     deadline = time.time() + timeout
     # all of the job's institutions, or with `min_institutions` at least that many after the timeout
     wanted, needed = job.federation.institutions, job.federation.min_institutions or job.federation.institutions
@@ -198,7 +240,7 @@ def census(grid: Grid, job: JobConfig, timeout: float = 300.0) -> tuple[Federate
     if len(nodes) < needed:
         raise CensusError(f"{len(nodes)} of {wanted} institutions connected after {timeout:.0f}s (the job needs "
                           f"{needed}); check their SuperNodes")
-    config = ConfigRecord({**job.to_flat(), "label-names": list(data.label_names)})
+    config = config or ConfigRecord({**job.to_flat(), "label-names": list(data.label_names)})
     messages = [Message(RecordDict({"config": config}), dst_node_id=node, message_type="query.census")
                 for node in nodes]
     replies = list(grid.send_and_receive(messages, timeout=timeout))
@@ -211,11 +253,16 @@ def census(grid: Grid, job: JobConfig, timeout: float = 300.0) -> tuple[Federate
     if len(answered) < wanted:
         logger.warning("census: %d of %d institutions answered; the job goes on with them (--min-institutions "
                        "%d): %s", len(answered), wanted, needed, "; ".join(failed) or "others silent")
-    sites = sorted((str(r.content["site"]["institution"]), int(r.metadata.src_node_id),
-                    int(r.content["metrics"]["num-examples"])) for r in answered)
+    sites = sorted((name, origin(r), count) for r in answered for name, count in [census_site(r, origin(r))])
     names = [name for name, _, _ in sites]
     if len(set(names)) != len(names):
         raise CensusError(f"two nodes claim the same institution: {names}")
+    if expected is not None:
+        own = {name: len(rows) for name, rows in zip(expected.institutions, expected.train)}
+        for name, node, count in sites:
+            if own.get(name) != count:
+                raise CensusError(f"census reply of node {node}: institution {name!r} with num-examples {count} is "
+                                  f"not in the server's split ({own.get(name, 'no such institution')})")
     view = replace(data, institutions=names, train=[RecordCount(n) for _, _, n in sites])
     return view, {name: node for name, node, _ in sites}
 

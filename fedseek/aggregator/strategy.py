@@ -7,7 +7,14 @@ Every reply is checked before it is used (`fedseek.aggregator.robust`): a reply 
 oversize, non-finite, of the wrong shapes/dtypes, or a norm outlier is left out of the average
 and logged in `round_log[round]` with a `"rejected"` reason (its metrics are kept, so the privacy
 it spent is still charged); a delta above the server clip norm is scaled down and logged with
-`"clipped"` (the norm it had). One bad institution never fails a round that others completed."""
+`"clipped"` (the norm it had). One bad institution never fails a round that others completed.
+
+With a `ReplyTrust` (`fedseek.aggregator.reply_trust`; run_federation and the continual runner
+always give one) a reply is trusted no further than the coordinator knows: it is attributed to the
+institution bound to its node id at the census (a different claimed name is logged as
+`claimed_institution` and ignored), weighted by at most the records known for that node, and its
+σ/q/steps are checked against the plan (off the plan: left out, charged at the worse values). A
+non-finite aggregate is never returned: the round keeps the previous adapter (`aggregate_log`)."""
 from __future__ import annotations
 
 import math
@@ -21,6 +28,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedseek.aggregator.compression import CompressionSettings, apply_delta, decode
+from fedseek.aggregator.reply_trust import ReplyTrust, charge
 from fedseek.aggregator.robust import (RobustAggregate, RobustSettings, clip_delta, delta_norm,
                                        norm_outliers, validate_update)
 
@@ -41,7 +49,7 @@ class AdapterFedAvg(FedAvg):
     def __init__(self, institutions: int, compression: CompressionSettings | None = None,
                  extra_records: dict[str, ArrayRecord] | None = None,
                  robust: RobustSettings | None = None, node_names: dict[int, str] | None = None,
-                 min_institutions: int = 0, rejoin_wait: float = 0.0):
+                 min_institutions: int = 0, rejoin_wait: float = 0.0, trust: ReplyTrust | None = None):
         # rounds start once `min_institutions` (default: all) are connected, and go on with the
         # replies that arrive within the round timeout: at least `min_institutions` (default: one)
         self.min_institutions, self.rejoin_wait = min_institutions, rejoin_wait
@@ -49,6 +57,8 @@ class AdapterFedAvg(FedAvg):
                          min_available_nodes=min_institutions or institutions)
         # deployment: only the nodes the census identified (and the ledger pre-flighted) train
         self.node_names = node_names
+        self.trust = trust  # weight caps and privacy plans by node id (None: claims are believed, tests only)
+        self.aggregate_log: dict[int, str] = {}  # round -> why its aggregate was discarded
         self.expected: set[int] = set()  # nodes sent a train message this round
         self.outgoing: list[Message] = []
         self.dropped_log: dict[int, list[dict]] = {}  # round -> institutions that did not answer
@@ -136,8 +146,10 @@ class AdapterFedAvg(FedAvg):
                      else self.sent)
         entries, accepted = [], []
         for msg in valid:
-            entry = _entry(msg)
+            entry = self._trusted_entry(msg, origin(msg), server_round)
+            off_plan = entry.pop("off_plan", None)
             update, reason = self._update(msg)
+            reason = reason or off_plan
             if reason:
                 entry["rejected"] = reason
             else:
@@ -173,6 +185,12 @@ class AdapterFedAvg(FedAvg):
         merged = aggregate.result()
         if self.compression.enabled:  # the average of the deltas, applied to what was sent
             merged = apply_delta(self.sent, merged)
+        bad = sorted(n for n, v in merged.items() if not np.all(np.isfinite(v)))
+        if bad:  # never publish it: the round keeps the adapter it started from
+            self.aggregate_log[server_round] = (f"non-finite aggregate in {len(bad)} tensors ({bad[0]}, ...): "
+                                                "the round keeps the previous adapter")
+            logger.error("round %s: %s", server_round, self.aggregate_log[server_round])
+            merged = {k: v.copy() for k, v in self.sent.items()}
         total = sum(weights)
         summary = MetricRecord({
             "train-loss": sum(e["train_loss_last"] * w for e, w in zip(used, weights)) / total,
@@ -185,9 +203,38 @@ class AdapterFedAvg(FedAvg):
     def _name(self, node_id) -> str:
         return (self.node_names or {}).get(int(node_id), f"node-{node_id}")
 
+    def _trusted_entry(self, msg: Message, node: int, server_round: int) -> dict:
+        """The reply's round-log entry, attributed to the institution bound to `node`, weighted by
+        at most its known records and charged no less than the plan (`off_plan`: why it is off)."""
+        entry = _entry(msg)
+        claimed, entry["node_id"] = entry["institution"], node
+        if self.node_names is not None:
+            entry["institution"] = self._name(node)
+            if claimed != entry["institution"]:
+                entry["claimed_institution"] = claimed
+                logger.warning("round %s: node %s (%s) claims to be %r: claim ignored", server_round, node,
+                               entry["institution"], claimed)
+        if self.trust is None:
+            return entry
+        if node not in self.trust.records:
+            entry["off_plan"] = f"node {node} was not bound to an institution at the census"
+            return entry
+        examples = entry.get("num_examples")
+        if isinstance(examples, float) and math.isfinite(examples) and examples > 0:
+            weight, note = self.trust.weight(node, examples)
+            if note:
+                entry["claimed_num_examples"], entry["num_examples"] = examples, weight
+                logger.warning("round %s: %s (node %s): %s", server_round, entry["institution"], node, note)
+        plan = self.trust.plans.train(node) if self.trust.plans is not None else None
+        if plan is not None:
+            reason = charge(entry, plan, (server_round + self.trust.round_offset) * plan.steps)
+            if reason:
+                entry["off_plan"] = reason
+        return entry
+
 
 def _entry(msg: Message) -> dict:
-    """The round log entry of one reply: institution, node and its metrics (as floats)."""
+    """The round log entry of one reply: claimed institution, node and its metrics (as floats)."""
     content = msg.content
     site = content.config_records.get("site")
     name = str(site["institution"]) if site is not None and "institution" in site else \
