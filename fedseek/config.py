@@ -179,7 +179,8 @@ def data_scope(job: JobConfig, dataset: str) -> str:
     (`dataset_fingerprint` at the coordinator, the site's own file fingerprint at a site)."""
     from fedseek.privacy.ledger_math import DataScope
 
-    return DataScope(dataset, job.data.slicing_scheme, job.data.period_scope).key()
+    # without a period scheme the job reads every record, whatever `period` says
+    return DataScope(dataset, job.data.slicing_scheme, job.data.period_scope if job.data.periods else "all").key()
 
 
 def dataset_fingerprint(job: JobConfig, deployed: bool = False) -> str:

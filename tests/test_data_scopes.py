@@ -170,3 +170,11 @@ def test_migration_widens_scope_columns_and_keeps_legacy_entries(tmp_path):
         assert ledger.spent(session, bank) == pytest.approx(pld([T, T]), rel=0.01)  # legacy: sequential
     columns = {t: {c["name"]: c["type"] for c in inspect(engine).get_columns(t)} for t in ("jobs", "privacy_ledger")}
     assert columns["jobs"]["data_scope"].length == 512 == columns["privacy_ledger"]["data_scope"].length
+
+
+def test_a_period_name_without_a_scheme_cannot_claim_a_slice():
+    # without --periods the job reads every record, whatever data.period says
+    named = [JobConfig(), JobConfig()]
+    named[0].data.period, named[1].data.period = "2005-2009", "2010-2013"
+    assert {DataScope.parse(key(j)).slice for j in named} == {"all"}
+    assert institution_epsilon([Release(key(j), *T) for j in named], DELTA) == pytest.approx(pld([T, T]), rel=0.01)

@@ -16,6 +16,7 @@ from fedseek.platform.db import Institution, Job, LedgerEntry, Period, Round, en
 from fedseek.platform.reporter import PlatformReporter, StopJob
 from fedseek.platform.settings import PlatformSettings
 from fedseek.privacy.accountant import epsilon
+from fedseek.privacy.ledger_math import DataScope
 
 TABLES = {"institutions", "tasks", "periods", "jobs", "rounds", "adapter_versions", "privacy_ledger",
           "promotion_decisions", "schedules", "alembic_version"}
@@ -102,7 +103,7 @@ def test_a_round_and_its_ledger_entries_commit_together_or_not_at_all(db_url, tm
         assert session.scalar(select(func.count(LedgerEntry.id))) == 3  # round 1 only, none of round 2
         entries = session.scalars(select(LedgerEntry).order_by(LedgerEntry.id)).all()
         assert {e.institution.name for e in entries} == set(small_data.institutions)
-        assert all(e.steps == 2 and e.kind == "train" and e.data_scope == "all" for e in entries)
+        assert all(e.steps == 2 and e.kind == "train" and DataScope.parse(e.data_scope).slice == "all" for e in entries)
         assert entries[0].epsilon_after == pytest.approx(epsilon([(1.0, 0.125, 2)], 1e-5))
 
 
@@ -157,7 +158,7 @@ def test_running_job_stops_before_the_round_that_would_exceed(db_url, tmp_path, 
 def test_fisher_passes_are_charged_and_scopes_compose_in_parallel(db_url, tmp_path, small_data):
     reporter = PlatformReporter(settings=settings_for(db_url, tmp_path, budget=50.0))
     job = small_job(rounds=1)
-    job.data.period = "2005-2009"  # one continual-learning period: its ledger scope
+    job.data.periods, job.data.period = "years", "2005-2009"  # one continual-learning period: its ledger scope
     reporter.preflight(job, small_data)
     reporter.start(job, small_data, {"accuracy": 0.01, "loss": 4.4})
     row = round_row(1, small_data.institutions, 1.0)
@@ -167,8 +168,8 @@ def test_fisher_passes_are_charged_and_scopes_compose_in_parallel(db_url, tmp_pa
     with session_scope(db_url) as session:
         entries = session.scalars(select(LedgerEntry).where(LedgerEntry.institution.has(name="bank_a"))
                                   .order_by(LedgerEntry.id)).all()
-        assert [(e.kind, e.data_scope, e.steps) for e in entries] == [("train", "2005-2009", 2),
-                                                                      ("fisher", "2005-2009", 3)]
+        assert [(e.kind, DataScope.parse(e.data_scope).slice, e.steps) for e in entries] == [
+            ("train", "2005-2009", 2), ("fisher", "2005-2009", 3)]
         assert entries[-1].epsilon_after == pytest.approx(epsilon([(1.0, 0.125, 2), (2.0, 0.1, 3)], 1e-5))
         assert [p.name for p in session.scalars(select(Period))] == ["2005-2009"]
 
@@ -189,7 +190,7 @@ def test_continual_periods_are_one_job_each_with_fisher_charged_at_finish(db_url
     sites = small_data.institutions
     for period, fisher in (("2005-2009", True), ("2010-2014", False)):
         job = small_job(rounds=1)
-        job.data.period = period  # one period per job: scope = the period
+        job.data.periods, job.data.period = "years", period  # one period per job: scope = the period
         reporter.start(job, small_data, {"accuracy": float("nan"), "loss": float("nan")})
         row = round_row(1, sites, 1.0)  # cumulative steps restart with every period
         reporter.round(row)
@@ -198,10 +199,11 @@ def test_continual_periods_are_one_job_each_with_fisher_charged_at_finish(db_url
         reporter.finish(finished_report(tmp_path, period, sites, [row], log))
     with session_scope(db_url) as session:
         jobs = session.scalars(select(Job).order_by(Job.id)).all()
-        assert [(j.data_scope, j.status) for j in jobs] == [("2005-2009", "finished"), ("2010-2014", "finished")]
+        assert [(DataScope.parse(j.data_scope).slice, j.status) for j in jobs] == [("2005-2009", "finished"),
+                                                                                    ("2010-2014", "finished")]
         entries = session.scalars(select(LedgerEntry).where(LedgerEntry.institution.has(name="bank_b"))
                                   .order_by(LedgerEntry.id)).all()
-    assert [(e.job_id, e.kind, e.data_scope, e.steps) for e in entries] == [
+    assert [(e.job_id, e.kind, DataScope.parse(e.data_scope).slice, e.steps) for e in entries] == [
         (jobs[0].id, "train", "2005-2009", 2), (jobs[0].id, "fisher", "2005-2009", 1),
         (jobs[1].id, "train", "2010-2014", 2)]
     first_period = epsilon([(1.0, 0.125, 2), (10.0, 0.5, 1)], 1e-5)
