@@ -7,13 +7,18 @@ the top layer's attention + head, 5 rounds x 12 steps, q = 0.125, C = 1, lr 2e-2
   FFA-LoRA      federated DP eps = 8 with A frozen (only B + head trained and averaged)
   local-only    each institution alone with DP eps = 8, accuracy averaged over institutions
 All rows run in process with the pipeline's trainer and aggregation (`inprocess_federation.py`)
-and are evaluated on the task's global test set.
+and are evaluated on the task's global test set. Beside them, the baselines of `baselines.py` on the
+same partition (majority class; TF-IDF + logistic regression one institution / pooled, non-DP; DP
+linear on hashed n-grams at eps = 8, one institution / pooled), mean of `--baseline-seeds` split
+seeds; the plot draws them as vertical reference lines. Baselines need the `bench` extra
+(`pip install -e .[bench]`, scikit-learn).
 
 With `--nondp-lr LR` the non-DP rows also run at LR (without clipping, lr 2e-2 is unstable on
 medical_abstracts) and the goals use the better centralized non-DP row.
 
     python bench/utility.py --task banking77
     python bench/utility.py --task medical_abstracts
+    python bench/utility.py --task banking77 --baselines-only   # (re)compute only the baseline rows
 """
 from __future__ import annotations
 
@@ -23,13 +28,20 @@ from pathlib import Path
 
 import numpy as np
 
+from baselines import reference_lines, run_seed, table_rows
 from bench_io import pyplot, save_figure, write_json
 from inprocess_federation import InProcessJob, run
 
 
+def baseline_rows(task: str, alpha: float, seeds: int) -> list[dict]:
+    """The baselines on this table's partition (3 institutions, Dirichlet(alpha)), split seeds 0..seeds-1."""
+    return table_rows([run_seed(task, s, "dirichlet", alpha) for s in range(seeds)])
+
+
 def plot(rows: list[dict], task: str, alpha: float, name: str) -> None:
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(9, 4))
+    fig, ax = plt.subplots(figsize=(10, 4.8))
+    baselines, rows = [r for r in rows if r.get("baseline")], [r for r in rows if not r.get("baseline")]
     colors = ["tab:gray" if "centralized" in r["setting"] else "tab:orange" if "local" in r["setting"]
               else "tab:blue" for r in rows]
     ax.barh(range(len(rows)), [100 * r["accuracy"] for r in rows], color=colors)
@@ -38,7 +50,9 @@ def plot(rows: list[dict], task: str, alpha: float, name: str) -> None:
     central = max((r["accuracy"] for r in rows if r["setting"].startswith("centralized non-DP")), default=None)
     if central:
         ax.axvline(90 * central, color="k", ls="--", lw=0.8, label="90 % of the best centralized non-DP")
-        ax.legend(fontsize=8)
+    reference_lines(ax, baselines)
+    if central or baselines:
+        ax.legend(fontsize=7, loc="lower right", framealpha=0.9)
     ax.set_yticks(range(len(rows)), [r["setting"] for r in rows], fontsize=8)
     ax.invert_yaxis()
     ax.set(xlabel="test accuracy (%)", title=f"{task}: 3 institutions, Dirichlet alpha={alpha:g}")
@@ -57,6 +71,9 @@ def main() -> None:
                         "can be unstable); the goals then use the better centralized non-DP row")
     p.add_argument("--only", nargs="+", help="run only these settings (by name), e.g. under a time limit")
     p.add_argument("--plot-only", action="store_true", help="re-plot the saved JSON (e.g. of an interrupted run)")
+    p.add_argument("--baseline-seeds", type=int, default=3, help="split seeds the baseline rows average over")
+    p.add_argument("--baselines-only", action="store_true",
+                   help="(re)compute only the baseline rows; the saved FedSeek rows are kept")
     a = p.parse_args()
     if a.plot_only:
         from bench_io import RESULTS
@@ -69,8 +86,9 @@ def main() -> None:
     name = f"utility_{a.task}"
     saved_path = Path(__file__).parent / "results" / f"{name}.json"
     # --only adds/replaces those settings; the other rows of the saved JSON are kept
-    rows = ([r for r in json.loads(saved_path.read_text())["rows"] if r["setting"] not in a.only]
-            if a.only and saved_path.is_file() else [])
+    saved = json.loads(saved_path.read_text()) if saved_path.is_file() else {"rows": []}
+    rows = ([r for r in saved["rows"] if r["setting"] not in a.only] if a.only
+            else [r for r in saved["rows"] if not r.get("baseline")] if a.baselines_only else [])
 
     def record(name: str, dp: bool, epsilon: float | None, results: list[dict]) -> None:
         acc = [r["final_accuracy"] for r in results]
@@ -83,8 +101,16 @@ def main() -> None:
 
     def save(goals=None) -> None:  # after every row: an interrupted run still leaves its rows
         only = " --only " + " ".join(f'"{o}"' for o in a.only) if a.only else ""
-        write_json(name, {"command": f"python bench/utility.py --task {a.task}{only}", "args": vars(a),
-                          "rows": rows, "goals": goals, "complete": goals is not None})
+        command = f"python bench/utility.py --task {a.task}{only}" + (" --baselines-only" if a.baselines_only else "")
+        write_json(name, {"command": command, "args": vars(a), "rows": rows,
+                          "goals": saved.get("goals") if a.baselines_only else goals,
+                          "complete": goals is not None or (a.baselines_only and saved.get("complete", False))})
+
+    if a.baselines_only:
+        rows += baseline_rows(a.task, a.alpha, a.baseline_seeds)
+        save()
+        plot(rows, a.task, a.alpha, name)
+        return
 
     # most important first; runs sharing the 3-institution setup together (prefix cache reused)
     plan = [("federated DP eps=8", True, 8.0, lambda: [run(InProcessJob(**common))]),
@@ -107,6 +133,8 @@ def main() -> None:
         record(setting, dp, eps, go())
         save()
 
+    if not a.only:
+        rows += baseline_rows(a.task, a.alpha, a.baseline_seeds)
     by = {r["setting"]: r["accuracy"] for r in rows}
     fed8 = by.get("federated DP eps=8")
     central = max((v for k, v in by.items() if k.startswith("centralized non-DP")), default=None)
