@@ -66,8 +66,8 @@ RUN set -eux; \
     groupadd --non-unique --gid "${FEDSEEK_GID}" fedseek; \
     useradd --non-unique --uid "${FEDSEEK_UID}" --gid "${FEDSEEK_GID}" --create-home \
         --shell /usr/sbin/nologin fedseek; \
-    mkdir -p /app/runs /var/lib/fedseek /mlflow/artifacts /data /models; \
-    chown fedseek:fedseek /app/runs /var/lib/fedseek /mlflow/artifacts
+    mkdir -p /app/runs /var/lib/fedseek /var/lib/fedseek-site /mlflow/artifacts /data /models; \
+    chown fedseek:fedseek /app/runs /var/lib/fedseek /var/lib/fedseek-site /mlflow/artifacts
 USER fedseek
 ENV FEDSEEK_HOME=/var/lib/fedseek \
     HF_HUB_OFFLINE=1

@@ -47,7 +47,7 @@ def env_values(profile: str) -> dict[str, str]:
     return values
 
 
-# the example env file leaves POSTGRES_PASSWORD empty (compose then refuses to start); the rendering
+# the example env file leaves POSTGRES_PASSWORD empty (the postgres service then refuses to start); the rendering
 # tests fill it in as an operator would, with a value easy to find in the rendered file
 TEST_PASSWORD = "3f9c2a7be41d08c5a6e2f7d913b4c08e5a71d2c6f90b3e48"
 
@@ -151,7 +151,16 @@ def test_institution_commands():
         "--key", "/run/secrets/node.key", "--institution", env["INSTITUTION"], "--data", f"/data/{env['DATA_FILE']}",
         "--host", "0.0.0.0", "--port", "9094", "--ray-address", "ray://ray-head:10001",
         "--num-gpus", env["WORKER_NUM_GPUS"], "--num-cpus", env["WORKER_NUM_CPUS"],
-        "--local-certs", "/run/secrets/site-"]  # TLS on the site link too
+        "--local-certs", "/run/secrets/site-",  # TLS on the site link too
+        "--policy", env["SITE_POLICY"], "--state-dir", "/var/lib/fedseek-site"]  # the site's own privacy policy
+    from fedseek.platform.deploy import site_policy_config
+
+    assert site_policy_config(env["SITE_POLICY"])  # the example policy parses
+    # its durable history is on one volume shared by the ClientApp and the Ray worker (where handlers run)
+    for service in ("clientapp", "ray-head"):
+        assert any(str(v).startswith("site-privacy:/var/lib/fedseek-site") or
+                   (isinstance(v, dict) and v.get("source") == "site-privacy" and v.get("target") == "/var/lib/fedseek-site")
+                   for v in svc[service]["volumes"]), svc[service]["volumes"]
     assert svc["clientapp"]["command"] == ["deploy", "clientapp", "--supernode", "supernode:9094",
                                            "--local-certs", "/run/secrets/site-"]
     assert svc["ray-head"]["entrypoint"] == ["ray"]
@@ -301,8 +310,10 @@ def test_the_example_password_is_refused(tmp_path):
     """The example env file has no working password: compose refuses to start with it, and the
     postgres service refuses an example value (so nothing that needs the databases starts)."""
     assert env_values("coordinator")["POSTGRES_PASSWORD"] == ""
-    proc = compose("coordinator", "config", password=None)
-    assert proc.returncode != 0 and "POSTGRES_PASSWORD is empty" in proc.stderr, proc.stderr
+    # an institution's env file has no database password: its profile must still render and start
+    assert "POSTGRES_PASSWORD" not in env_values("institution")
+    institution = compose("institution", "config", password=None)
+    assert institution.returncode == 0, institution.stderr
     script = active("coordinator")["postgres"]["entrypoint"][2].replace("$$", "$")
     script = script.replace("/docker-entrypoint-initdb.d/", f"{tmp_path}/")  # not the real path here
     stub = tmp_path / "docker-entrypoint.sh"
@@ -313,6 +324,8 @@ def test_the_example_password_is_refused(tmp_path):
         env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "POSTGRES_PASSWORD": password, "MLFLOW_DB": "mlflow"}
         return subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True, timeout=30)
 
+    empty = start("")  # the example file as it is
+    assert empty.returncode == 78 and "POSTGRES_PASSWORD is empty" in empty.stderr and "started" not in empty.stdout
     for example in ("change-me-openssl-rand-hex-24", "postgres", "my-placeholder"):
         refused = start(example)
         assert refused.returncode == 78 and "POSTGRES_PASSWORD is the example placeholder" in refused.stderr

@@ -19,13 +19,17 @@ import numpy as np
 import pytest
 from sqlalchemy import create_engine, text
 
-TINY = ["--task", "banking77", "--max-train-rows", "240", "--rounds", "4", "--local-steps", "2", "--epsilon", "4"]
+# seeded DP noise (not private), so that the resumed job can be compared bit for bit with an
+# uninterrupted one; this test platform allows it (FEDSEEK_ALLOW_REPRODUCIBLE_NOISE)
+TINY = ["--task", "banking77", "--max-train-rows", "240", "--rounds", "4", "--local-steps", "2", "--epsilon", "4",
+        "--reproducible-noise"]
 
 
 def environment(home: Path) -> dict:
     home.mkdir(parents=True, exist_ok=True)
     return {**os.environ, "PYTHONWARNINGS": "ignore", "FEDSEEK_HOME": str(home),
-            "FEDSEEK_DB_URL": f"sqlite:///{home / 'platform.db'}", "FEDSEEK_DEFAULT_EPSILON_MAX": "50"}
+            "FEDSEEK_DB_URL": f"sqlite:///{home / 'platform.db'}", "FEDSEEK_DEFAULT_EPSILON_MAX": "50",
+            "FEDSEEK_ALLOW_REPRODUCIBLE_NOISE": "1"}
 
 
 def fedseek(env: dict, *args: str, timeout: int = 1200) -> subprocess.CompletedProcess:

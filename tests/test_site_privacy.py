@@ -155,3 +155,33 @@ def test_validation_counts_are_noised_and_charged_unless_the_site_allows_exact(s
     assert "noise-multiplier" not in exact["metrics"] and float(exact["metrics"]["correct"]).is_integer()
     with pytest.raises(SiteRefusal, match="policy-refused: evaluate.validation"):
         call("evaluate.validation", site, job_config(), context(site, tmp_path / "r", **{"validation-counts": "refuse"}))
+
+
+def test_seeded_noise_is_refused_by_deployed_and_tracked_jobs(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from fedseek.platform.cli import app
+    from fedseek.platform.jobs import refuse_reproducible_noise
+    from fedseek.platform.settings import PlatformSettings
+
+    job = JobConfig.from_flat(job_config(privacy__reproducible_noise=True))
+    with pytest.raises(ValueError, match="privacy.reproducible_noise"):
+        refuse_reproducible_noise(job, deployed=True)  # `fedseek deploy run`, whatever the platform allows
+    with pytest.raises(ValueError, match="tracked jobs"):
+        refuse_reproducible_noise(job, PlatformSettings(allow_reproducible_noise=False), deployed=False)
+    refuse_reproducible_noise(job, PlatformSettings(allow_reproducible_noise=True), deployed=False)  # a test platform
+    monkeypatch.setenv("FEDSEEK_HOME", str(tmp_path))
+    monkeypatch.delenv("FEDSEEK_ALLOW_REPRODUCIBLE_NOISE", raising=False)
+    result = CliRunner().invoke(app, ["simulate", "--reproducible-noise", "--max-train-rows", "120", "--rounds", "1",
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "not private" in result.output, result.output
+    assert not (tmp_path / "out" / "report.json").exists()
+
+
+def test_a_policy_typo_stops_the_supernode():
+    from fedseek.platform.deploy import site_policy_config
+
+    assert site_policy_config("epsilon-budget=6 require-dp=true") == {"epsilon-budget": "6", "require-dp": "true"}
+    for bad in ("epsilon-budgt=6", "epsilon-budget=abc", "validation-counts=sometimes", "require-dp=maybe"):
+        with pytest.raises(ValueError):
+            site_policy_config(bad)

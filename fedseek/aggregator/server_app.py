@@ -26,6 +26,7 @@ from fedseek.data.tasks import FederatedData, load_federated_data
 from fedseek.models.classifier import AdapterClassifier
 from fedseek.models.loading import base_model_bytes, base_model_hash, resolve_base
 from fedseek.models.lora import load_trainable_state, trainable_state
+from fedseek.privacy.randomness import noise_label
 
 
 logger = logging.getLogger("fedseek")
@@ -157,7 +158,8 @@ def build_report(job: JobConfig, data: FederatedData, classifier: AdapterClassif
         "task": data.task, "institutions": data.institutions,
         "train_examples": {n: len(t) for n, t in zip(data.institutions, data.train)},
         "test_examples": len(data.test), "num_labels": len(data.label_names),
-        "dp": dp, "initial_accuracy": initial["accuracy"], "initial_loss": initial["loss"],
+        "dp": dp, "dp_noise": noise_label(dp, job.privacy.reproducible_noise),
+        "initial_accuracy": initial["accuracy"], "initial_loss": initial["loss"],
         "final_accuracy": rows[-1]["accuracy"] if rows else initial["accuracy"],
         "final_loss": rows[-1]["loss"] if rows else initial["loss"], "rounds": rows,
         "epsilon": per_site("epsilon") if dp else None,

@@ -30,7 +30,7 @@ class PrivacySettings:
 
     enabled: bool = True
     target_epsilon: float = 8.0  # budget for the whole job (all rounds)
-    delta: float | None = None  # None: min(1e-5, 1/N^1.1) for the institution's N records
+    delta: float | None = None  # None: min(1e-5, 0.01/N) for the institution's N records (N*delta <= 0.01)
     noise_multiplier: float | None = None  # given sigma overrides the target-epsilon derivation
     clip_norm: float = 1.0  # per-sample gradient clipping bound C
     # seeded DP noise and sampling, for tests and benchmarks only: the job is then NOT private

@@ -2,6 +2,8 @@
 dashboard, schedule, scheduler. Settings come from FEDSEEK_* (fedseek/platform/settings.py)."""
 from __future__ import annotations
 
+import json
+
 import os
 import subprocess
 import sys
@@ -167,13 +169,19 @@ def jobs(ctx: typer.Context, limit: int = typer.Option(20, min=1, help="Newest j
 
     from fedseek.platform.db import Job, Round
 
-    table = Table("job", "task", "scope", "status", "rounds", "accuracy", "started", "message", title="jobs")
+    from fedseek.config import JobConfig
+    from fedseek.privacy.randomness import noise_label
+
+    table = Table("job", "task", "scope", "status", "rounds", "accuracy", "DP noise", "started", "message",
+                  title="jobs")
     with _session() as session:
         for job in session.scalars(select(Job).order_by(Job.id.desc()).limit(limit)):
             done = session.scalar(select(func.count(Round.id)).where(Round.job_id == job.id))
             acc = "-" if job.final_accuracy is None else f"{job.final_accuracy:.2%}"
+            privacy = JobConfig.from_flat(json.loads(job.config_json)).privacy
             table.add_row(str(job.id), job.task.name, job.data_scope, job.status, f"{done}/{job.planned_rounds}",
-                          acc, str(job.started_at)[:19], job.message[:120])
+                          acc, noise_label(privacy.enabled, privacy.reproducible_noise).split(" (")[0],
+                          str(job.started_at)[:19], job.message[:120])
     console.print(table)
 
 

@@ -64,6 +64,9 @@ def simulate(
     noise_multiplier: float = typer.Option(None, help="Give sigma directly instead of deriving it from --epsilon."),
     clip_norm: float = typer.Option(1.0, min=1e-6, help="Per-sample gradient clipping norm C."),
     no_dp: bool = typer.Option(False, "--no-dp", help="Train without differential privacy (for comparison)."),
+    reproducible_noise: bool = typer.Option(False, "--reproducible-noise", help="Seed DP noise and sampling "
+                                            "from --seed (tests/benchmarks only: NOT private; tracked jobs refuse "
+                                            "it unless FEDSEEK_ALLOW_REPRODUCIBLE_NOISE=1)."),
     partition: Partition = typer.Option(Partition.iid, help="How records are split across institutions."),
     alpha: float = typer.Option(0.5, min=1e-3, help="Dirichlet concentration for --partition dirichlet."),
     lora_rank: int = typer.Option(16, min=1, help="LoRA rank r."),
@@ -133,7 +136,8 @@ def simulate(
         lora=LoraSettings(rank=lora_rank, alpha=2.0 * lora_rank, targets=lora_targets,
                           top_layers=lora_layers, ffa=ffa, seed=seed),
         privacy=PrivacySettings(enabled=not no_dp, target_epsilon=epsilon, delta=delta,
-                                noise_multiplier=noise_multiplier, clip_norm=clip_norm),
+                                noise_multiplier=noise_multiplier, clip_norm=clip_norm,
+                                reproducible_noise=reproducible_noise),
         optim=OptimSettings(local_steps=local_steps, batch_fraction=batch_fraction, learning_rate=learning_rate),
         federation=FederationSettings(institutions=institutions, rounds=rounds, seed=seed,
                                       base_model=_path(base_model), out=str(out)),

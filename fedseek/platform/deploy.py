@@ -201,6 +201,22 @@ def supernode_command(superlink: str, ca: Path, key: Path, node_config: dict[str
     return command
 
 
+def site_policy_config(text: str) -> dict[str, str]:
+    """'key=value key=value' of a site's privacy policy -> node-config entries, checked now (a typo
+    in a policy must stop the SuperNode, not silently leave a default in force)."""
+    from fedseek.clients.site_policy import SitePolicy
+
+    known = {f.replace("_", "-") for f in SitePolicy.__dataclass_fields__}
+    config = {}
+    for item in text.split():
+        key, sep, value = item.partition("=")
+        if not sep or key not in known:
+            raise ValueError(f"--policy {item!r}: expected key=value with key one of {sorted(known)}")
+        config[key] = value
+    SitePolicy.from_node_config({"data-path": "-", **config})  # values parse
+    return config
+
+
 def superexec_command(runtime_api: str, ca: Path | None = None, secret: Path | None = None) -> list[str]:
     """The process that runs the ServerApp (against the SuperLink) or the ClientApps (against a
     SuperNode). Without `ca` the link is plaintext: only for a SuperNode's loopback/private link."""

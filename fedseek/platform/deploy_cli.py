@@ -53,6 +53,14 @@ def _refuse_placeholder_password() -> None:
               "set a random one (openssl rand -hex 24)")
 
 
+def _checked(parse, value):
+    """`parse(value)`, with a ValueError shown as a clear error (exit 2)."""
+    try:
+        return parse(value)
+    except ValueError as err:
+        _fail(str(err))
+
+
 def _existing(path: Path, what: str) -> Path:
     if not Path(path).is_file():
         _fail(f"{what} {path}: no such file")
@@ -187,14 +195,21 @@ def supernode(superlink: str = typer.Option("superlink:8000", help="The SuperLin
               local_certs: Path = typer.Option(None, help="The site's own certs (`fedseek deploy certs --host "
                                                "supernode`) for the SuperNode <-> ClientApp link: their directory, or a "
                                                "file-name prefix such as /run/secrets/site-; omit only on loopback."),
-              max_wait_time: float = typer.Option(None, help="Give up connecting after this many seconds.")) -> None:
+              max_wait_time: float = typer.Option(None, help="Give up connecting after this many seconds."),
+              policy: str = typer.Option("", help="This site's privacy policy, 'key=value' pairs separated by "
+                                         "spaces, e.g. 'epsilon-budget=6 max-job-epsilon=4 min-noise-multiplier=0.8' "
+                                         "(keys: fedseek.clients.site_policy.SitePolicy; enforced by the ClientApp "
+                                         "whatever the coordinator asks)."),
+              state_dir: Path = typer.Option(Path("~/.fedseek/site"), help="Durable directory of the site's own "
+                                             "privacy history (must survive restarts; shared with the Ray worker).")) -> None:
     """Run this institution's SuperNode (TLS to the SuperLink, authenticated by its key)."""
     _required(superlink=superlink, institution=institution)
-    from fedseek.platform.deploy import CertPaths, supernode_command
+    from fedseek.platform.deploy import CertPaths, site_policy_config, supernode_command
 
     _existing(data, "data file")
     config = {"institution": institution, "data-path": str(Path(data).resolve()), "ray-address": ray_address,
-              "num-gpus": num_gpus, "num-cpus": num_cpus}
+              "num-gpus": num_gpus, "num-cpus": num_cpus, "state-dir": str(state_dir.expanduser()),
+              **_checked(site_policy_config, policy)}
     secret = CertPaths.in_dir(local_certs).secret if local_certs else None
     _exec(supernode_command(superlink, _existing(ca, "CA"), _existing(key, "private key"), config, host, port,
                             secret=secret if secret and secret.exists() else None, local_certs=local_certs,

@@ -20,6 +20,7 @@ def run_job(job: JobConfig, inner=None, verbose: bool = False, track: bool = Tru
 
     if not track:
         return simulate(job, inner, verbose=verbose, **simulate_options)
+    refuse_reproducible_noise(job, settings, deployed=False)
     from fedseek.data.tasks import load_federated_data
     from fedseek.platform.reporter import PlatformReporter
 
@@ -44,6 +45,19 @@ def run_job(job: JobConfig, inner=None, verbose: bool = False, track: bool = Tru
     except BaseException as err:
         reporter.fail(str(err) or type(err).__name__)
         raise
+
+
+def refuse_reproducible_noise(job: JobConfig, settings=None, deployed: bool = True) -> None:
+    """Seeded DP noise (privacy.reproducible_noise) is not private: deployed jobs never use it,
+    tracked simulations only on a platform with FEDSEEK_ALLOW_REPRODUCIBLE_NOISE=1 (tests)."""
+    if not (job.privacy.enabled and job.privacy.reproducible_noise):
+        return
+    from fedseek.platform.settings import load_settings
+
+    if deployed or not (settings or load_settings()).allow_reproducible_noise:
+        where = "deployed jobs" if deployed else "tracked jobs (FEDSEEK_ALLOW_REPRODUCIBLE_NOISE is off)"
+        raise ValueError(f"privacy.reproducible_noise: seeded DP noise is not private and {where} refuse it; "
+                         "drop --reproducible-noise, or use --no-track for a test or benchmark")
 
 
 def resume_job(job_id: int, inner=None, verbose: bool = False, force: bool = False, settings=None,
@@ -86,6 +100,7 @@ def run_deployed(grid, job: JobConfig, census_timeout: float = 300.0, settings=N
 
         raise ResumeError(f"job {resume_job} was simulated: resume it with `fedseek jobs resume {resume_job}`")
     job = point.job if point else job
+    refuse_reproducible_noise(job, deployed=True)
     sites, node_ids = census(grid, job, census_timeout)
     verify_node_identities(reporter.db, node_ids)
     if point:

@@ -19,6 +19,7 @@ from fedseek.platform.resume import owner
 from fedseek.platform.settings import PlatformSettings, load_settings
 from fedseek.platform.tracking import Outbox, flush_all
 from fedseek.privacy.ledger_math import DataScope, Release, institution_epsilon
+from fedseek.privacy.randomness import noise_label
 
 
 class StopJob(StopFederation):
@@ -122,7 +123,8 @@ class PlatformReporter:
                   "institutions": ",".join(data.institutions), "data_scope": self.scope}
         self.outbox.append("run", key="job", experiment=data.task, name=f"job-{self.job_id}",
                            db_url=self.db, job_id=self.job_id,
-                           tags={"fedseek.job_id": self.job_id, "fedseek.data_scope": self.scope})
+                           tags={"fedseek.job_id": self.job_id, "fedseek.data_scope": self.scope,
+                                 "fedseek.dp_noise": noise_label(job.privacy.enabled, job.privacy.reproducible_noise)})
         self.outbox.append("params", key="job", params={k: str(v) for k, v in params.items() if v is not None})
         for name, records in zip(data.institutions, data.train):
             self.outbox.append("run", key=f"institution:{name}", parent="job", experiment=data.task,

@@ -30,6 +30,9 @@ class PlatformSettings(BaseSettings):
     auto_promote: bool = True
     max_forgetting: float = 0.05
     min_bwt: float = -0.05
+    # tracked simulations may use seeded DP noise (privacy.reproducible_noise) only on a platform
+    # set up for tests/benchmarks; the ledger then lists those jobs as NOT PRIVATE
+    allow_reproducible_noise: bool = False
 
     @property
     def home_dir(self) -> Path:

@@ -26,6 +26,13 @@ class NoiseSource:
     private: bool  # False: regenerable from `seed` (tests and benchmarks only)
 
 
+def noise_label(dp: bool, reproducible: bool) -> str:
+    """How a job's DP noise was drawn, as report.json, MLflow and the ledger listing show it."""
+    if not dp:
+        return "none (no DP)"
+    return "reproducible (NOT PRIVATE: seeded from the job config)" if reproducible else "private (node CSPRNG)"
+
+
 def noise_source(reproducible_seed: int | tuple[int, ...] | None = None,
                  device: str | torch.device = "cpu") -> NoiseSource:
     """A fresh, secretly seeded source; with `reproducible_seed`, a deterministic one (not private)."""
