@@ -98,6 +98,13 @@ def test_dp_noise_is_private_to_the_node(site, tmp_path):
     assert _site_seed(JobConfig.from_flat(job_config()), "bank_x") is not None  # what the attacker would use
 
 
+def test_non_dp_runs_stay_seeded_and_reproducible(site, tmp_path):
+    policy = {"require-dp": False}
+    first = released(call("train", site, job_config(privacy__enabled=False), context(site, tmp_path / "a", **policy)))
+    second = released(call("train", site, job_config(privacy__enabled=False), context(site, tmp_path / "b", **policy)))
+    assert not differ(first, second) and differ(first, site[1])  # trained, and bit-identical
+
+
 def test_fisher_noise_is_private_to_the_node(site, tmp_path):
     a = released(call("train.fisher", site, job_config(), context(site, tmp_path / "a")))
     b = released(call("train.fisher", site, job_config(), context(site, tmp_path / "b")))
