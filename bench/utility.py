@@ -40,7 +40,7 @@ def baseline_rows(task: str, alpha: float, seeds: int) -> list[dict]:
 
 def plot(rows: list[dict], task: str, alpha: float, name: str) -> None:
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(10, 4.8))
+    fig, ax = plt.subplots(figsize=(12, 4.8))
     baselines, rows = [r for r in rows if r.get("baseline")], [r for r in rows if not r.get("baseline")]
     colors = ["tab:gray" if "centralized" in r["setting"] else "tab:orange" if "local" in r["setting"]
               else "tab:blue" for r in rows]
@@ -52,7 +52,7 @@ def plot(rows: list[dict], task: str, alpha: float, name: str) -> None:
         ax.axvline(90 * central, color="k", ls="--", lw=0.8, label="90 % of the best centralized non-DP")
     reference_lines(ax, baselines)
     if central or baselines:
-        ax.legend(fontsize=7, loc="lower right", framealpha=0.9)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_yticks(range(len(rows)), [r["setting"] for r in rows], fontsize=8)
     ax.invert_yaxis()
     ax.set(xlabel="test accuracy (%)", title=f"{task}: 3 institutions, Dirichlet alpha={alpha:g}")
