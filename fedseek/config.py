@@ -15,6 +15,7 @@ import numpy as np
 from fedseek.aggregator.compression import CompressionSettings
 from fedseek.aggregator.robust import RobustSettings
 from fedseek.clients.dp_trainer import OptimSettings, PrivacySettings
+from fedseek.clients.recipe import RecipeSettings
 from fedseek.continual.ewc import EWCSettings
 from fedseek.continual.fisher import FisherSettings
 from fedseek.models.lora import LoraSettings
@@ -89,6 +90,7 @@ class JobConfig:
     fisher: FisherSettings = field(default_factory=FisherSettings)
     compression: CompressionSettings = field(default_factory=CompressionSettings)
     robust: RobustSettings = field(default_factory=RobustSettings)
+    recipe: RecipeSettings = field(default_factory=RecipeSettings)  # fedseek.clients.recipe
 
     def to_flat(self) -> dict[str, Any]:
         """`section.field` -> value; None values are left out (ConfigRecord has no None)."""

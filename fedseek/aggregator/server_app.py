@@ -70,7 +70,7 @@ def run_federation(grid: Grid, job: JobConfig, reporter: Reporter | None = None,
     started = time.time()
     data = load_federated_data(**data_arguments(job))
     classifier = AdapterClassifier(job.federation.base_model, len(data.label_names), job.lora,
-                                   job.data.max_length)
+                                   job.data.max_length, pooling=job.recipe.pooling)
     test = classifier.encode(data.test.texts, data.test.labels)
     initial = classifier.evaluate(test)
     done = resume.committed if resume else 0  # Flower numbers this run's rounds 1..; the job's are done+1..

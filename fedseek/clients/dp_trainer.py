@@ -8,6 +8,7 @@ always computed from the whole history of the job, never per round.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -19,8 +20,11 @@ from torch import nn
 
 from fedseek.continual.ewc import EWCState, add_penalty_gradient
 from fedseek.continual.fisher import FisherSettings, add_noise, clipped_square_sums, expand, group_sums
+from fedseek.clients.recipe import Phase
 from fedseek.models.classifier import AdapterClassifier, EncodedTexts
-from fedseek.privacy.accountant import History, default_delta, epsilon, noise_for_budget
+from fedseek.models.lora import LoraTargetError
+from fedseek.privacy.accountant import History, default_delta, epsilon
+from fedseek.privacy.release_plan import round_release
 from fedseek.privacy.randomness import NoiseSource, noise_source
 
 
@@ -86,21 +90,45 @@ class LocalTrainer:
         self.named_params = {n: p for n, p in classifier.model.named_parameters() if p.requires_grad}
         self.params = list(self.named_params.values())
         self.private_module = GradSampleModule(classifier.model, batch_first=True, loss_reduction="mean")
+        self.dp_unsupported = self._without_per_sample_gradients()
+
+    def _without_per_sample_gradients(self) -> list[str]:
+        """Trainable parameters that get no per-sample gradient in one DP forward/backward pass on
+        two fixed public strings (no records): e.g. on DeepSeek-V3 in transformers 5, PEFT maps the
+        MLP targets onto the fused 3-D routed-expert parameters, which Opacus has no rule for."""
+        probe = self.classifier.encode(["public probe text", "another public probe"], [0, 0])
+        self.private_module.enable_hooks()
+        self.classifier.model.train()
+        try:
+            nn.functional.cross_entropy(self.classifier.logits(probe, [0, 1]), probe.labels).backward()
+            missing = [n for n, p in self.named_params.items() if getattr(p, "grad_sample", None) is None]
+        except (RuntimeError, ValueError) as err:
+            missing = [f"(the pass failed: {str(err)[:120]})"]
+        for module in self.classifier.model.modules():  # leave no activations or gradients behind
+            if hasattr(module, "activations"):
+                module.activations = []
+        for p in self.params:
+            p.grad_sample, p.grad = None, None
+        return missing
+
+    def check_dp(self) -> None:
+        """Refuse DP training before any record is sampled if a trainable parameter has no
+        per-sample gradient rule (it would crash mid-round or, worse, escape clipping)."""
+        if self.dp_unsupported:
+            raise LoraTargetError(
+                f"lora.targets: DP-SGD cannot clip per-sample gradients of {len(self.dp_unsupported)} "
+                f"trainable parameter(s), e.g. {self.dp_unsupported[0]}; on DeepSeek-V3 the MLP targets "
+                "adapt the fused routed experts (3-D parameters, no Opacus rule): use --lora-targets "
+                "attention, or train without DP")
 
     def plan_noise(self, privacy: PrivacySettings, optim: OptimSettings, num_records: int,
                    total_rounds: int, history: History, planned: History = ()) -> tuple[float, float, float]:
         """(sigma, q, delta) so that the job's planned steps, plus `planned` releases still to come
         (a Fisher pass), end exactly at the target epsilon."""
-        q = min(1.0, optim.batch_fraction)
-        delta = privacy.delta or default_delta(num_records)
-        if not privacy.enabled:
-            return 0.0, q, delta
-        if privacy.noise_multiplier is not None:
-            return privacy.noise_multiplier, q, delta
-        if history:  # sigma was fixed in the first round; keep it for the rest of the job
-            return history[-1][0], q, delta
-        return noise_for_budget(privacy.target_epsilon, delta, q, optim.local_steps * total_rounds,
-                                spent=list(planned)), q, delta
+        if privacy.enabled and privacy.noise_multiplier is None and history:
+            # sigma was fixed in the first round; keep it for the rest of the job
+            return history[-1][0], min(1.0, optim.batch_fraction), privacy.delta or default_delta(num_records)
+        return round_release(privacy, optim, num_records, total_rounds, planned)
 
     def noise_source(self, privacy: PrivacySettings, seed: int, stream: int) -> NoiseSource:
         """Private (OS-seeded, node-only) randomness for DP; `seed` is used only without DP or
@@ -111,17 +139,29 @@ class LocalTrainer:
     def train_round(self, data: EncodedTexts, privacy: PrivacySettings, optim: OptimSettings,
                     server_round: int, total_rounds: int, history: History, seed: int,
                     ewc: EWCState | None = None, ewc_lambda: float = 0.0,
-                    planned: History = ()) -> RoundResult:
+                    planned: History = (), phase: Phase | None = None) -> RoundResult:
         """One round of local DP-SGD. With `ewc`, the EWC gradient is added after clipping and
         noise (DP optimizer step hook), never through the loss that Opacus differentiates.
-        Sampling and noise come from `noise_source` (private unless asked to be reproducible)."""
+        Sampling and noise come from `noise_source` (private unless asked to be reproducible).
+        `phase` (`fedseek.clients.recipe.round_phase`): a head-only linear-probe round over the
+        cached frozen features, or a LoRA round; its rounds and learning rate. Both phases release
+        (sigma, q, local_steps) per round: one plan, one budget."""
+        if privacy.enabled:
+            self.check_dp()
         sigma, q, delta = self.plan_noise(privacy, optim, len(data), total_rounds, history, planned)
-        protect = (lambda *_: add_penalty_gradient(self.named_params, ewc, ewc_lambda)) if ewc else None
+        phase = phase or Phase("lora", server_round, total_rounds, optim.learning_rate)
+        probe = phase.kind == "probe"
+        trained = {n: p for n, p in self.named_params.items() if "score" in n or not probe}  # probe: head only
+        params = list(trained.values())
+        if probe and (not params or self.classifier.pooling != "layers"):
+            raise ValueError("a linear-probe round needs the multi-layer head (pooling 'layers')")
+        features = self.classifier.probe_features(data) if probe else None
+        protect = (lambda *_: add_penalty_gradient(trained, ewc, ewc_lambda)) if ewc else None
         source = self.noise_source(privacy, seed, server_round)
         rng = source.sampler
         torch.manual_seed(int(rng.integers(2**31)))  # dropout and other data-independent randomness
         expected_batch = q * len(data)
-        base_optimizer = torch.optim.Adam(self.params, lr=optim.learning_rate)
+        base_optimizer = torch.optim.Adam(params, lr=phase.learning_rate)
         optimizer = (DPOptimizer(base_optimizer, noise_multiplier=sigma, max_grad_norm=privacy.clip_norm,
                                  expected_batch_size=max(1, round(expected_batch)), generator=source.noise,
                                  secure_mode=source.private)  # 2n-sample noise vs floating-point attacks
@@ -132,24 +172,27 @@ class LocalTrainer:
             self.private_module.enable_hooks()
         else:
             self.private_module.disable_hooks()
-        total_steps = optim.local_steps * total_rounds
+        total_steps = optim.local_steps * phase.rounds
+        schedule = dataclasses.replace(optim, learning_rate=phase.learning_rate)
         losses = []
         self.classifier.model.train()
         for local_step in range(optim.local_steps):
-            lr = learning_rate(optim, (server_round - 1) * optim.local_steps + local_step, total_steps)
+            lr = learning_rate(schedule, (phase.round - 1) * optim.local_steps + local_step, total_steps)
             for group in base_optimizer.param_groups:
                 group["lr"] = lr
             sample = np.flatnonzero(rng.random(len(data)) < q)
             if len(sample) == 0:
                 if privacy.enabled:
-                    self._noise_only_step(base_optimizer, sigma * privacy.clip_norm / expected_batch,
-                                          source.noise)
+                    self._noise_only_step(base_optimizer, params, sigma * privacy.clip_norm / expected_batch,
+                                      source.noise)
                 continue
-            chunks = AdapterClassifier._length_sorted_chunks(data.inputs, sample, optim.chunk_size)
+            chunks = ([sample[i:i + 4096] for i in range(0, len(sample), 4096)] if probe else
+                      AdapterClassifier._length_sorted_chunks(data.inputs, sample, optim.chunk_size))
             step_loss = 0.0
             for index, chunk in enumerate(chunks):
                 last = index == len(chunks) - 1
-                logits = self.classifier.logits(data, chunk)
+                logits = (self.classifier.head_logits(data, features[chunk]) if probe
+                          else self.classifier.logits(data, chunk))
                 loss = nn.functional.cross_entropy(logits, data.labels[chunk].to(logits.device))
                 if not privacy.enabled:  # plain mean over the whole logical batch
                     loss = loss * len(chunk) / len(sample)
@@ -176,6 +219,7 @@ class LocalTrainer:
         """DP diagonal Fisher at the current parameters over a Poisson sample of `data`; returns it
         (per coordinate, un-normalised) and the (sigma, q, steps) entry to charge to the history.
         `source`: the sampler and noise generator (`noise_source`)."""
+        self.check_dp()
         generator = torch.Generator().manual_seed(int(source.sampler.integers(2**63)))  # noise is added on CPU
         sample = np.flatnonzero(source.sampler.random(len(data)) < settings.sample_rate)
         self.private_module.enable_hooks()
@@ -196,9 +240,10 @@ class LocalTrainer:
         fisher = expand(groups, shapes, settings.granularity, expected)
         return fisher, (settings.noise_multiplier, settings.sample_rate, 1)
 
-    def _noise_only_step(self, optimizer: torch.optim.Optimizer, std: float, generator: torch.Generator) -> None:
+    def _noise_only_step(self, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], std: float,
+                         generator: torch.Generator) -> None:
         """An empty Poisson sample still releases a noised (zero-signal) update."""
-        for p in self.params:
+        for p in params:
             p.grad = torch.normal(0.0, std, size=p.shape, device=p.device, generator=generator)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -28,6 +28,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, Re
 
 from fedseek.aggregator.compression import CompressionSettings, compress, delta_between
 from fedseek.clients.dp_trainer import LocalTrainer
+from fedseek.clients.recipe import round_phase
 from fedseek.clients.site_guard import SiteGuard
 from fedseek.clients.site_policy import PolicyRefusal
 from fedseek.config import PERIOD_SEPARATOR, JobConfig, job_data
@@ -44,17 +45,17 @@ COMPRESSION_STATE = "compression-residual"
 
 
 @lru_cache(maxsize=2)
-def _trainer(base: str | None, num_labels: int, lora_key: tuple, max_length: int) -> LocalTrainer:
+def _trainer(base: str | None, num_labels: int, lora_key: tuple, max_length: int, pooling: str = "last") -> LocalTrainer:
     from fedseek.models.lora import LoraSettings
 
     lora = LoraSettings(*lora_key)
-    return LocalTrainer(AdapterClassifier(base, num_labels, lora, max_length))
+    return LocalTrainer(AdapterClassifier(base, num_labels, lora, max_length, pooling=pooling))
 
 
 def trainer_for(job: JobConfig, num_labels: int) -> LocalTrainer:
     lora = job.lora
     key = (lora.rank, lora.alpha, lora.targets, lora.top_layers, lora.ffa, lora.seed, tuple(lora.extra_trainable))
-    return _trainer(job.federation.base_model, num_labels, key, job.data.max_length)
+    return _trainer(job.federation.base_model, num_labels, key, job.data.max_length, job.recipe.pooling)
 
 
 _site_cache: dict[tuple, tuple[str, EncodedTexts, EncodedTexts]] = {}
@@ -84,7 +85,8 @@ def site_data(job: JobConfig, node_config: dict, label_names: list[str], trainer
               active: list[int] | None = None) -> tuple[str, EncodedTexts, EncodedTexts | None]:
     """(institution name, encoded training records, encoded validation records or None)."""
     key = (node_config.get("data-path"), node_config.get("partition-id"), repr(job.data),
-           job.federation.seed, job.federation.institutions, job.federation.base_model)
+           job.federation.seed, job.federation.institutions, job.federation.base_model, job.recipe.pooling,
+           job.lora.top_layers)
     if key not in _site_cache:
         name, train, validation = _site_rows(job, node_config, label_names, active)
         encode = lambda rows: trainer.classifier.encode(rows.texts, rows.labels, active_labels=active)  # noqa: E731
@@ -195,9 +197,10 @@ def train_round(content: RecordDict, context: Context) -> RecordDict:
         step = (sigma, q, job.optim.local_steps)
         guard.admit(len(data), history, [step], [step] * (rounds - server_round) + planned, delta,
                     job.privacy.reproducible_noise)
+    phase = round_phase(job.recipe, server_round, rounds, job.optim.learning_rate)
     result = trainer.train_round(data, job.privacy, job.optim, server_round, rounds,
                                  history, _site_seed(job, name), ewc=ewc, ewc_lambda=job.ewc.lam,
-                                 planned=planned if job.privacy.enabled else [])
+                                 planned=planned if job.privacy.enabled else [], phase=phase)
     if job.privacy.enabled:
         guard.charge("train", result.history[-1:], result.delta)
     if result.history:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedseek.models.features import ProbeHead, pool, public_stats
 from fedseek.models.loading import load_classifier, load_tokenizer
 from fedseek.models.lora import LoraSettings, apply_lora, first_adapted_layer
 
@@ -25,6 +26,11 @@ class EncodedTexts:
     inputs: list[torch.Tensor]  # (length,) int64 ids or (length, hidden) float
     labels: torch.Tensor
     label_mask: torch.Tensor | None = None  # bool (num_labels,): task-incremental active labels
+    # multi-layer pooling only: pooled states of the frozen prefix's layers (n, (first+1)*hidden),
+    # and the cached features of every layer under the adapter with digest `features_digest`
+    prefix_pooled: torch.Tensor | None = None
+    features: torch.Tensor | None = None
+    features_digest: str = ""
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -75,12 +81,19 @@ def default_device() -> str:
 
 
 class AdapterClassifier:
-    """Base model + LoRA adapter + head for one task, with batched inference and a prefix cache."""
+    """Base model + LoRA adapter + head for one task, with batched inference and a prefix cache.
+    `pooling`: "last" (head on the mean of the final hidden states) or "layers" (head on every
+    layer's pooled states, standardized with public statistics: `fedseek.models.features`)."""
 
     def __init__(self, base: str | None, num_labels: int, lora: LoraSettings, max_length: int = 64,
-                 device: str | None = None):
+                 device: str | None = None, pooling: str = "last"):
+        if pooling not in ("last", "layers"):
+            raise ValueError(f"pooling {pooling!r} is not 'last' or 'layers'")
         self.tokenizer = load_tokenizer(base)
         model = load_classifier(base, num_labels, self.tokenizer.pad_token_id)
+        self.pooling = pooling
+        if pooling == "layers":
+            model.score = ProbeHead(*public_stats(base, max_length), num_labels)
         self.first_adapted = first_adapted_layer(model, lora)
         self.device = torch.device(device or default_device())
         self.model = apply_lora(model, lora).to(self.device)
@@ -96,6 +109,12 @@ class AdapterClassifier:
         the head is masked to them (a task-incremental period's labels) in training and scoring."""
         ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
         inputs = [torch.tensor(x, dtype=torch.long) for x in ids]
+        label_mask = None
+        if active_labels is not None:
+            label_mask = torch.zeros(self.num_labels, dtype=torch.bool)
+            label_mask[list(active_labels)] = True
+        if self.pooling == "layers":
+            return self._encode_layers(inputs, torch.as_tensor(np.asarray(labels), dtype=torch.long), label_mask, chunk)
         if self.first_adapted:
             cached: list[torch.Tensor] = [None] * len(inputs)  # type: ignore[list-item]
             was_training = self.model.training
@@ -109,11 +128,42 @@ class AdapterClassifier:
                     cached[i] = hidden[row, -len(inputs[i]):].clone()
             self.model.train(was_training)
             inputs = cached
-        mask = None
-        if active_labels is not None:
-            mask = torch.zeros(self.num_labels, dtype=torch.bool)
-            mask[list(active_labels)] = True
-        return EncodedTexts(inputs, torch.as_tensor(np.asarray(labels), dtype=torch.long), mask)
+        return EncodedTexts(inputs, torch.as_tensor(np.asarray(labels), dtype=torch.long), label_mask)
+
+    def _encode_layers(self, ids: list[torch.Tensor], labels: torch.Tensor, mask, chunk: int) -> EncodedTexts:
+        """One pass over all layers: the features under the current adapter, and with a frozen
+        prefix its output states (inputs of the adapted layers) and its layers' pooled states."""
+        first, digest = self.first_adapted, self.adapter_digest()
+        inputs: list[torch.Tensor] = list(ids)
+        features = torch.zeros(len(ids), 0)
+        prefix = None
+        was_training = self.model.training
+        self.model.eval()
+        for batch in self._length_sorted_chunks(ids, np.arange(len(ids)), chunk):
+            padded, attention = self._pad([ids[i].to(self.device) for i in batch])
+            hidden = self.decoder(input_ids=padded, attention_mask=attention, output_hidden_states=True).hidden_states
+            pooled = pool(hidden, attention).float().cpu()
+            if features.shape[1] == 0:
+                features = torch.zeros(len(ids), pooled.shape[1])
+                width = pooled.shape[1] // len(hidden)
+                prefix = torch.zeros(len(ids), (first + 1) * width) if first else None
+            features[torch.as_tensor(batch)] = pooled
+            if first:
+                prefix[torch.as_tensor(batch)] = pooled[:, :prefix.shape[1]]
+                for row, i in enumerate(batch):
+                    inputs[i] = hidden[first][row, -len(ids[i]):].clone()
+        self.model.train(was_training)
+        return EncodedTexts(inputs, labels, mask, prefix, features, digest)
+
+    def adapter_digest(self) -> str:
+        """Identifies the current LoRA weights (the features depend on them; the head does not)."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for name, param in self.model.named_parameters():
+            if "lora_" in name:
+                digest.update(param.detach().cpu().numpy().tobytes())
+        return digest.hexdigest()
 
     def _pad(self, items: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-pad ids (with the pad id) or hidden states (with zeros); mask marks real tokens."""
@@ -136,8 +186,11 @@ class AdapterClassifier:
 
     # -- forward ------------------------------------------------------------------------------
     def logits(self, data: EncodedTexts, index) -> torch.Tensor:
-        """Logits for `data.inputs[index]`: the head applied to mean-pooled final hidden states."""
+        """Logits for `data.inputs[index]`: the head applied to mean-pooled final hidden states
+        (with multi-layer pooling: to every layer's pooled states, the adapted layers run live)."""
         padded, mask = self._pad([data.inputs[i] for i in index])
+        if self.pooling == "layers":
+            return self.head_logits(data, self._live_features(data, index, padded, mask))
         if not self.first_adapted:
             logits = pooled_logits(self.model, input_ids=padded, attention_mask=mask)
         else:
@@ -147,14 +200,48 @@ class AdapterClassifier:
             logits = logits.masked_fill(~data.label_mask.to(logits.device), -1e4)
         return logits
 
+    def _live_features(self, data: EncodedTexts, index, padded, mask) -> torch.Tensor:
+        if not self.first_adapted:
+            return pool(self.decoder(input_ids=padded, attention_mask=mask, output_hidden_states=True).hidden_states, mask)
+        with _only_layers_from(self.decoder, self.first_adapted):
+            hidden = self.decoder(inputs_embeds=padded, attention_mask=mask, output_hidden_states=True).hidden_states
+        prefix = data.prefix_pooled[torch.as_tensor(np.asarray(index))].to(padded.device)
+        return torch.cat([prefix, pool(hidden[1:], mask)], dim=-1)  # hidden[0] is the prefix's output
+
+    def head_logits(self, data: EncodedTexts, features: torch.Tensor) -> torch.Tensor:
+        """The head on multi-layer features (inactive labels masked)."""
+        logits = _head(self.model)(features.to(self.device))
+        if data.label_mask is not None:
+            logits = logits.masked_fill(~data.label_mask.to(logits.device), -1e4)
+        return logits
+
+    @torch.no_grad()
+    def probe_features(self, data: EncodedTexts, chunk: int = 256) -> torch.Tensor:
+        """Every record's multi-layer features under the current adapter, cached on `data` until
+        the LoRA weights change (a head-only phase reuses them at no forward cost)."""
+        digest = self.adapter_digest()
+        if data.features is None or data.features_digest != digest:
+            was_training = self.model.training
+            self.model.eval()
+            features = None
+            for batch in self._length_sorted_chunks(data.inputs, np.arange(len(data)), chunk):
+                padded, mask = self._pad([data.inputs[i].to(self.device) for i in batch])
+                live = self._live_features(data, batch, padded, mask).float().cpu()
+                features = features if features is not None else torch.zeros(len(data), live.shape[1])
+                features[torch.as_tensor(batch)] = live
+            self.model.train(was_training)
+            data.features, data.features_digest = features, digest
+        return data.features
+
     @torch.no_grad()
     def evaluate(self, data: EncodedTexts, chunk: int = 256) -> dict[str, float]:
         """Accuracy and mean cross-entropy over all of `data`."""
         was_training = self.model.training
         self.model.eval()
         correct, loss_sum = 0, 0.0
+        features = self.probe_features(data) if self.pooling == "layers" else None
         for batch in self._length_sorted_chunks(data.inputs, np.arange(len(data)), chunk):
-            logits = self.logits(data, batch)
+            logits = self.logits(data, batch) if features is None else self.head_logits(data, features[batch])
             labels = data.labels[batch].to(logits.device)
             loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
             correct += int((logits.argmax(-1) == labels).sum())

@@ -41,6 +41,11 @@ class Robust(str, Enum):
     median = "median"
 
 
+class Recipe(str, Enum):
+    probe = "probe"
+    lora = "lora"
+
+
 class Targets(str, Enum):
     attention = "attention"
     attention_mlp = "attention+mlp"
@@ -56,13 +61,18 @@ def simulate(
     label_column: str = typer.Option("label", help="Column holding the label."),
     institutions: int = typer.Option(3, min=1, help="Simulated institutions (ignored with --data-dir)."),
     rounds: int = typer.Option(5, min=1, help="Federated rounds."),
-    local_steps: int = typer.Option(12, min=1, help="DP-SGD steps per institution per round."),
-    batch_fraction: float = typer.Option(0.125, min=1e-4, max=1.0, help="Poisson sampling rate q (expected batch = q*N)."),
-    learning_rate: float = typer.Option(2e-2, min=0.0, help="Peak Adam learning rate (warmup, then cosine)."),
+    recipe: Recipe = typer.Option(Recipe.probe, help="DP recipe: probe = head on every layer's pooled states "
+                                  "(public-slice standardization), DP linear probe then optional DP LoRA (LP-FT), "
+                                  "hyper-parameters from the rule in fedseek.clients.recipe; lora = the old "
+                                  "LoRA + last-layer head recipe."),
+    probe_rounds: int = typer.Option(None, min=0, help="probe recipe: head-only rounds before LoRA rounds (default: all)."),
+    local_steps: int = typer.Option(None, min=1, help="DP-SGD steps per institution per round (default: the recipe's rule; lora: 12)."),
+    batch_fraction: float = typer.Option(None, min=1e-4, max=1.0, help="Poisson sampling rate q, expected batch q*N (default: the rule; lora: 0.125)."),
+    learning_rate: float = typer.Option(2e-2, min=0.0, help="Peak Adam learning rate of LoRA rounds (warmup, then cosine)."),
     epsilon: float = typer.Option(8.0, min=0.01, help="Privacy budget per institution for the whole job."),
     delta: float = typer.Option(None, help="delta (default min(1e-5, 0.01/N) per institution: N·delta <= 0.01)."),
     noise_multiplier: float = typer.Option(None, help="Give sigma directly instead of deriving it from --epsilon."),
-    clip_norm: float = typer.Option(1.0, min=1e-6, help="Per-sample gradient clipping norm C."),
+    clip_norm: float = typer.Option(None, min=1e-6, help="Per-sample gradient clipping norm C (default: the rule; lora: 1.0)."),
     no_dp: bool = typer.Option(False, "--no-dp", help="Train without differential privacy (for comparison)."),
     reproducible_noise: bool = typer.Option(False, "--reproducible-noise", help="Seed DP noise and sampling "
                                             "from --seed (tests/benchmarks only: NOT private; tracked jobs refuse "
@@ -121,6 +131,7 @@ def simulate(
     from fedseek.continual.fisher import FisherSettings
     from fedseek.data.periods import DEFAULT_SCHEME
     from fedseek.data.loader import DataError
+    from fedseek.clients.recipe import RecipeSettings
     from fedseek.models.lora import LoraSettings
     from fedseek.platform.console import RichReporter
     from fedseek.platform.jobs import run_job
@@ -136,9 +147,11 @@ def simulate(
         lora=LoraSettings(rank=lora_rank, alpha=2.0 * lora_rank, targets=lora_targets,
                           top_layers=lora_layers, ffa=ffa, seed=seed),
         privacy=PrivacySettings(enabled=not no_dp, target_epsilon=epsilon, delta=delta,
-                                noise_multiplier=noise_multiplier, clip_norm=clip_norm,
+                                noise_multiplier=noise_multiplier, clip_norm=clip_norm or 1.0,
                                 reproducible_noise=reproducible_noise),
-        optim=OptimSettings(local_steps=local_steps, batch_fraction=batch_fraction, learning_rate=learning_rate),
+        optim=OptimSettings(local_steps=local_steps or 12, batch_fraction=batch_fraction or 0.125,
+                            learning_rate=learning_rate),
+        recipe=RecipeSettings(name=recipe.value, probe_rounds=-1 if probe_rounds is None else probe_rounds),
         federation=FederationSettings(institutions=institutions, rounds=rounds, seed=seed,
                                       base_model=_path(base_model), out=str(out)),
         compression=CompressionSettings(codec=compression.value, topk=topk),
@@ -146,10 +159,12 @@ def simulate(
     try:
         job.ewc = EWCSettings(method=cl.value, lam=ewc_lambda, gamma=ewc_gamma)
         job.fisher = FisherSettings(sample_rate=fisher_rate, noise_multiplier=fisher_noise,
-                                    clip_norm=clip_norm, granularity=fisher_granularity)
+                                    clip_norm=job.privacy.clip_norm, granularity=fisher_granularity)
         job.robust = RobustSettings(rule=robust.value, trim_fraction=trim_fraction, clip_norm=server_clip,
                                     outlier_ratio=outlier_ratio)
-        job = _preflight(job)
+        given = {k for k, v in (("local_steps", local_steps), ("batch_fraction", batch_fraction),
+                                ("clip_norm", clip_norm), ("probe_rounds", probe_rounds)) if v is not None}
+        job = _preflight(job, given)
         out.mkdir(parents=True, exist_ok=True)
         if not job.data.periods:
             run_job(job, RichReporter(console), verbose=verbose, track=track, cpus_per_client=cpus_per_client)
@@ -180,14 +195,17 @@ def _path(value: Path | None) -> str | None:
     return None if value is None else str(value)
 
 
-def _preflight(job):
-    """Fail fast, before Ray starts: data readable and valid, model loadable, LoRA targets match."""
+def _preflight(job, given: set[str] = frozenset()):
+    """Fail fast, before Ray starts: data readable and valid, model loadable, LoRA targets match
+    (and trainable under DP); the recipe's rule fills the DP hyper-parameters the user left out."""
+    from fedseek.clients.recipe import apply_rule
     from fedseek.config import data_arguments
     from fedseek.data.tasks import load_federated_data
     from fedseek.models.loading import load_classifier, load_tokenizer
     from fedseek.models.lora import resolve_targets
 
     data = load_federated_data(**data_arguments(job))
+    apply_rule(job, [len(t) for t in data.train], given)
     if job.data.data_dir:
         job.federation.institutions = len(data.institutions)
     if job.data.periods:
@@ -198,6 +216,12 @@ def _preflight(job):
     tokenizer = load_tokenizer(job.federation.base_model)
     resolve_targets(load_classifier(job.federation.base_model, len(data.label_names),
                                     tokenizer.pad_token_id), job.lora.targets)
+    if job.privacy.enabled:  # every trainable tensor must get per-sample gradients, or no DP job starts
+        from fedseek.clients.dp_trainer import LocalTrainer
+        from fedseek.models.classifier import AdapterClassifier
+
+        LocalTrainer(AdapterClassifier(job.federation.base_model, len(data.label_names), job.lora,
+                                       job.data.max_length, pooling=job.recipe.pooling)).check_dp()
     return job
 
 

@@ -17,8 +17,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from fedseek.platform.db import Institution, LedgerEntry, Round
-from fedseek.privacy.accountant import default_delta, noise_for_budget
 from fedseek.privacy.ledger_math import Release, counts_release, institution_epsilon
+from fedseek.privacy.release_plan import round_release
 
 KINDS = ("hospital", "bank", "site")
 
@@ -75,14 +75,13 @@ def spent(session: Session, row: Institution, method: str = "prv") -> float:
 
 def planned_releases(job, num_records: int, scope: str) -> tuple[list[Release], float]:
     """The releases a DP job will make for one institution with `num_records`, and its delta:
-    sigma is derived exactly as the client derives it (`LocalTrainer.plan_noise`)."""
-    privacy, optim = job.privacy, job.optim
-    q = min(1.0, optim.batch_fraction)
-    delta = privacy.delta or default_delta(num_records)
-    total_steps = optim.local_steps * job.federation.rounds
-    sigma = (privacy.noise_multiplier if privacy.noise_multiplier is not None
-             else noise_for_budget(privacy.target_epsilon, delta, q, total_steps))
-    return [Release(scope, sigma, q, optim.local_steps)] * job.federation.rounds, delta
+    sigma comes from the function the client uses (`release_plan.round_release`, behind
+    `LocalTrainer.plan_noise`), with the same reservation for a planned DP Fisher pass; both
+    phases of the probe recipe release the same (sigma, q, local_steps) per round."""
+    reserved = ([(job.fisher.noise_multiplier, job.fisher.sample_rate, 1)]
+                if job.ewc.uses_fisher and job.ewc.fisher_after else [])
+    sigma, q, delta = round_release(job.privacy, job.optim, num_records, job.federation.rounds, reserved)
+    return [Release(scope, sigma, q, job.optim.local_steps)] * job.federation.rounds, delta
 
 
 def project(session: Session, plans: dict[str, tuple[list[Release], float]],

@@ -1,0 +1,122 @@
+"""DP training recipes and the rule that sets their hyper-parameters (pure: no Flower/MLflow/SQL).
+
+Recipes
+- `probe` (the `fedseek simulate` default): the head reads every layer's mean-pooled hidden states,
+  standardized with statistics of the public pretraining slice (`fedseek.models.features`). The
+  first `probe_rounds` rounds train only the head, by DP-SGD over the frozen features (cached per
+  site process: a probe step costs no forward pass of the base); the remaining rounds, if any,
+  train LoRA + head (LP-FT). Every round of both phases releases the same (sigma, q, local_steps),
+  so one sigma calibrated for rounds x local_steps steps covers the whole job (one budget).
+- `lora` (the recipe before issue 16, kept for comparison): LoRA + a head on the last layer's
+  mean-pooled states in every round, the old fixed defaults.
+
+The rule (`probe_rule`), from N (records of the smallest institution), epsilon, rounds R and
+institutions K — never from test data; constants measured on banking77 with validation carved
+from training records (BENCHMARKS.md, "DP recipe"):
+- q = clamp(B / N, 0.2, 0.5) with target expected batch B = 512. DP-SGD's noise on the mean
+  gradient is sigma*C/(qN); for a fixed epsilon sigma grows slower than q, so a larger expected
+  batch lowers the noise per signal (Ponomareva et al. 2023, "How to DP-fy ML", section 5).
+  Small sites (N < 2560) get q above 0.2, up to 0.5, the largest q whose sigma stays moderate.
+- epochs E = 12 over the job (linear probe: convex, converges in few passes; more epochs at a
+  fixed epsilon raise sigma faster than they help), so total steps T = E/q, spread evenly:
+  local_steps = ceil(T / R); small sites (q = 0.5) get at least 4 steps per round.
+- lr: Adam 1e-2 for the zero-initialised head on standardized features (sign-like Adam steps of a
+  fixed size are robust to the noise scale), cosine after 5 % warmup; clip C = 1.
+- phases: all rounds are probe rounds (`probe_rounds` = R). Measured: DP LoRA rounds after the
+  probe did not add accuracy within the default job's time budget on 2 CPU cores, so the rule does
+  not spend budget on them; `--probe-rounds` < R runs LP-FT.
+- K does not change the per-site rule: each institution's epsilon is its own (record-level DP per
+  site), and FedAvg over K sites averages K independent noises (noise / sqrt(K) at equal weights).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+RECIPES = ("probe", "lora")
+TARGET_BATCH = 512
+EPOCHS = 24.0
+Q_MIN, Q_MAX = 0.2, 0.5
+PROBE_LR = 1e-2
+CLIP = 1.0
+
+
+@dataclass
+class RecipeSettings:
+    """Which DP recipe a job trains with; `probe_rounds` < 0 means "all rounds" (the rule's value)."""
+
+    name: str = "lora"  # probe | lora (library default: the old recipe; `fedseek simulate`: probe)
+    probe_rounds: int = -1  # head-only rounds at the start (probe recipe); -1 = every round
+    probe_lr: float = PROBE_LR  # Adam learning rate of the head-only phase
+
+    @property
+    def pooling(self) -> str:
+        return "layers" if self.name == "probe" else "last"
+
+    def check(self) -> None:
+        if self.name not in RECIPES:
+            raise ValueError(f"recipe.name {self.name!r} is not one of {list(RECIPES)}")
+
+
+@dataclass(frozen=True)
+class Phase:
+    """What one round trains: `kind` probe (head only, cached features) or lora; `round` is the
+    round's number within its phase (1-based) and `rounds` the phase's length (lr schedule)."""
+
+    kind: str
+    round: int
+    rounds: int
+    learning_rate: float
+
+
+@dataclass(frozen=True)
+class RuleChoice:
+    """The rule's hyper-parameters for one job."""
+
+    sample_rate: float
+    local_steps: int
+    learning_rate: float
+    clip_norm: float
+    probe_rounds: int
+
+
+def probe_rule(records: int, epsilon: float, rounds: int, institutions: int) -> RuleChoice:
+    """The probe recipe's DP hyper-parameters for institutions of at least `records` records
+    (the module docstring states the rule and why)."""
+    if records < 1 or rounds < 1 or institutions < 1 or not epsilon > 0:
+        raise ValueError(f"recipe rule needs records, rounds, institutions >= 1 and epsilon > 0 "
+                         f"(got {records}, {rounds}, {institutions}, {epsilon})")
+    q = min(Q_MAX, max(Q_MIN, TARGET_BATCH / records))
+    total_steps = math.ceil(EPOCHS / q)
+    local_steps = max(math.ceil(total_steps / rounds), 4 if q >= Q_MAX else 1)
+    return RuleChoice(round(q, 4), local_steps, PROBE_LR, CLIP, rounds)
+
+
+def round_phase(recipe: RecipeSettings, server_round: int, rounds: int, lora_lr: float) -> Phase:
+    """The phase of round `server_round` (1-based) of a job of `rounds` rounds."""
+    if recipe.name != "probe":
+        return Phase("lora", server_round, rounds, lora_lr)
+    probe_rounds = rounds if recipe.probe_rounds < 0 else min(recipe.probe_rounds, rounds)
+    if server_round <= probe_rounds:
+        return Phase("probe", server_round, probe_rounds, recipe.probe_lr)
+    return Phase("lora", server_round - probe_rounds, rounds - probe_rounds, lora_lr)
+
+
+def apply_rule(job, records: list[int], given: set[str] = frozenset()) -> None:
+    """Set a probe-recipe job's optim.batch_fraction, optim.local_steps, optim.learning_rate (of
+    a LoRA phase: left as is), privacy.clip_norm and recipe.probe_rounds from `probe_rule`, for
+    the smallest institution of `records`; a field in `given` (the user set it) is kept. One q and
+    one local_steps for the whole job: every institution and round then releases the same plan."""
+    if job.recipe.name != "probe":
+        return
+    choice = probe_rule(min(records), job.privacy.target_epsilon, job.federation.rounds, len(records))
+    if "batch_fraction" not in given:
+        job.optim.batch_fraction = choice.sample_rate
+    if "local_steps" not in given:
+        job.optim.local_steps = choice.local_steps
+    if "clip_norm" not in given:
+        job.privacy.clip_norm = choice.clip_norm
+    if "probe_rounds" not in given:
+        job.recipe.probe_rounds = choice.probe_rounds
+    if "probe_lr" not in given:
+        job.recipe.probe_lr = choice.learning_rate
