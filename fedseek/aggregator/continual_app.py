@@ -53,7 +53,8 @@ class ContinualRunner:
         every = job_data(job, PERIOD_SEPARATOR.join(self.periods))
         self.label_names = every.label_names
         self.classifier = AdapterClassifier(job.federation.base_model, len(self.label_names), job.lora,
-                                            job.data.max_length, pooling=job.recipe.pooling)
+                                            job.data.max_length, pooling=job.recipe.pooling,
+                                   components=job.recipe.components)
         self.tests = {}
         for name in self.periods:
             data = job_data(job, name)

@@ -45,17 +45,19 @@ COMPRESSION_STATE = "compression-residual"
 
 
 @lru_cache(maxsize=2)
-def _trainer(base: str | None, num_labels: int, lora_key: tuple, max_length: int, pooling: str = "last") -> LocalTrainer:
+def _trainer(base: str | None, num_labels: int, lora_key: tuple, max_length: int, pooling: str = "last",
+             components: int = 0) -> LocalTrainer:
     from fedseek.models.lora import LoraSettings
 
     lora = LoraSettings(*lora_key)
-    return LocalTrainer(AdapterClassifier(base, num_labels, lora, max_length, pooling=pooling))
+    return LocalTrainer(AdapterClassifier(base, num_labels, lora, max_length, pooling=pooling, components=components))
 
 
 def trainer_for(job: JobConfig, num_labels: int) -> LocalTrainer:
     lora = job.lora
     key = (lora.rank, lora.alpha, lora.targets, lora.top_layers, lora.ffa, lora.seed, tuple(lora.extra_trainable))
-    return _trainer(job.federation.base_model, num_labels, key, job.data.max_length, job.recipe.pooling)
+    return _trainer(job.federation.base_model, num_labels, key, job.data.max_length, job.recipe.pooling,
+                    job.recipe.components)
 
 
 _site_cache: dict[tuple, tuple[str, EncodedTexts, EncodedTexts]] = {}

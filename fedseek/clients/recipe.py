@@ -11,22 +11,27 @@ Recipes
   mean-pooled states in every round, the old fixed defaults.
 
 The rule (`probe_rule`), from N (records of the smallest institution), epsilon, rounds R and
-institutions K — never from test data; constants measured on banking77 with validation carved
-from training records (BENCHMARKS.md, "DP recipe"):
+institutions K — never from test data (the validation runs behind the constants are in
+BENCHMARKS.md, "DP recipe": 20 % of each bank's training records held out):
 - q = clamp(B / N, 0.2, 0.5) with target expected batch B = 512. DP-SGD's noise on the mean
-  gradient is sigma*C/(qN); for a fixed epsilon sigma grows slower than q, so a larger expected
-  batch lowers the noise per signal (Ponomareva et al. 2023, "How to DP-fy ML", section 5).
-  Small sites (N < 2560) get q above 0.2, up to 0.5, the largest q whose sigma stays moderate.
-- epochs E = 12 over the job (linear probe: convex, converges in few passes; more epochs at a
-  fixed epsilon raise sigma faster than they help), so total steps T = E/q, spread evenly:
-  local_steps = ceil(T / R); small sites (q = 0.5) get at least 4 steps per round.
-- lr: Adam 1e-2 for the zero-initialised head on standardized features (sign-like Adam steps of a
-  fixed size are robust to the noise scale), cosine after 5 % warmup; clip C = 1.
-- phases: all rounds are probe rounds (`probe_rounds` = R). Measured: DP LoRA rounds after the
-  probe did not add accuracy within the default job's time budget on 2 CPU cores, so the rule does
-  not spend budget on them; `--probe-rounds` < R runs LP-FT.
+  gradient is sigma*C/(qN), and at a fixed epsilon sigma grows slower than q, so a larger expected
+  batch lowers the noise per signal (Ponomareva et al. 2023, "How to DP-fy ML"). Small sites
+  (N < 2,560) get q above 0.2, up to 0.5.
+- epochs E = 24 over the job, total steps T = E / q spread evenly: local_steps = ceil(T / R),
+  at least 4 at q = 0.5. The probe is convex and cheap; on banking77 validation 12 -> 24 epochs
+  gained more than the larger sigma cost.
+- trainable parameters: the head reads all 256 shipped public principal directions at every N.
+  Fewer directions for small sites (fewer noised parameters) was tried and lost on validation
+  (medical_abstracts, 505 records per hospital: 40.3 / 38.3 / 35.6 / 31.7 % at 256 / 64 / 32 / 16
+  directions); `recipe.components` keeps the option.
+- lr: Adam 1e-2 for the zero-initialised head on whitened features, cosine after 5 % warmup;
+  clip C = 1 (whitened features: per-sample gradients of norm ~1 are clipped mildly).
+- phases: every round is a probe round by default (`probe_rounds` = R): a LoRA round costs a
+  forward/backward through the adapted layers per sampled record, a probe round one matrix
+  product, and the default job must stay within 5 minutes on 2 cores. `--probe-rounds P` < R
+  runs LP-FT: P probe rounds, then LoRA + head rounds at the same (sigma, q, local_steps).
 - K does not change the per-site rule: each institution's epsilon is its own (record-level DP per
-  site), and FedAvg over K sites averages K independent noises (noise / sqrt(K) at equal weights).
+  site); FedAvg over K sites averages K independent noises.
 """
 from __future__ import annotations
 
@@ -39,6 +44,7 @@ EPOCHS = 24.0
 Q_MIN, Q_MAX = 0.2, 0.5
 PROBE_LR = 1e-2
 CLIP = 1.0
+COMPONENTS = 256  # public principal directions the head reads (all shipped)
 
 
 @dataclass
@@ -48,6 +54,7 @@ class RecipeSettings:
     name: str = "lora"  # probe | lora (library default: the old recipe; `fedseek simulate`: probe)
     probe_rounds: int = -1  # head-only rounds at the start (probe recipe); -1 = every round
     probe_lr: float = PROBE_LR  # Adam learning rate of the head-only phase
+    components: int = 0  # public principal directions the head reads (0: all shipped, 256)
 
     @property
     def pooling(self) -> str:
@@ -78,6 +85,7 @@ class RuleChoice:
     learning_rate: float
     clip_norm: float
     probe_rounds: int
+    components: int
 
 
 def probe_rule(records: int, epsilon: float, rounds: int, institutions: int) -> RuleChoice:
@@ -89,7 +97,7 @@ def probe_rule(records: int, epsilon: float, rounds: int, institutions: int) -> 
     q = min(Q_MAX, max(Q_MIN, TARGET_BATCH / records))
     total_steps = math.ceil(EPOCHS / q)
     local_steps = max(math.ceil(total_steps / rounds), 4 if q >= Q_MAX else 1)
-    return RuleChoice(round(q, 4), local_steps, PROBE_LR, CLIP, rounds)
+    return RuleChoice(round(q, 4), local_steps, PROBE_LR, CLIP, rounds, COMPONENTS)
 
 
 def round_phase(recipe: RecipeSettings, server_round: int, rounds: int, lora_lr: float) -> Phase:
@@ -120,3 +128,5 @@ def apply_rule(job, records: list[int], given: set[str] = frozenset()) -> None:
         job.recipe.probe_rounds = choice.probe_rounds
     if "probe_lr" not in given:
         job.recipe.probe_lr = choice.learning_rate
+    if "components" not in given:
+        job.recipe.components = choice.components

@@ -83,17 +83,19 @@ def default_device() -> str:
 class AdapterClassifier:
     """Base model + LoRA adapter + head for one task, with batched inference and a prefix cache.
     `pooling`: "last" (head on the mean of the final hidden states) or "layers" (head on every
-    layer's pooled states, standardized with public statistics: `fedseek.models.features`)."""
+    layer's pooled states, standardized with public statistics and projected on the first
+    `components` (0: all shipped) public principal directions: `fedseek.models.features`)."""
 
     def __init__(self, base: str | None, num_labels: int, lora: LoraSettings, max_length: int = 64,
-                 device: str | None = None, pooling: str = "last"):
+                 device: str | None = None, pooling: str = "last", components: int = 0):
         if pooling not in ("last", "layers"):
             raise ValueError(f"pooling {pooling!r} is not 'last' or 'layers'")
         self.tokenizer = load_tokenizer(base)
         model = load_classifier(base, num_labels, self.tokenizer.pad_token_id)
         self.pooling = pooling
         if pooling == "layers":
-            model.score = ProbeHead(*public_stats(base, max_length), num_labels)
+            mean, std, projection = public_stats(base, max_length)
+            model.score = ProbeHead(mean, std, projection[:, :components or None], num_labels)
         self.first_adapted = first_adapted_layer(model, lora)
         self.device = torch.device(device or default_device())
         self.model = apply_lora(model, lora).to(self.device)

@@ -221,7 +221,8 @@ def _preflight(job, given: set[str] = frozenset()):
         from fedseek.models.classifier import AdapterClassifier
 
         LocalTrainer(AdapterClassifier(job.federation.base_model, len(data.label_names), job.lora,
-                                       job.data.max_length, pooling=job.recipe.pooling)).check_dp()
+                                       job.data.max_length, pooling=job.recipe.pooling,
+                                       components=job.recipe.components)).check_dp()
     return job
 
 
