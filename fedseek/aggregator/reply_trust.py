@@ -20,7 +20,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from fedseek.aggregator.robust import validate_fisher
-from fedseek.privacy.accountant import default_delta, noise_for_budget
+from fedseek.privacy.accountant import default_delta
+from fedseek.privacy.release_plan import job_round_release
 
 MAX_STEPS = 10**7  # a larger step count is not a plausible claim
 TRAIN_KEYS = ("noise_multiplier", "sample_rate", "steps")
@@ -38,19 +39,10 @@ class Plan:
 
 
 def train_plan(job, records: int) -> Plan:
-    """What a correct client uses for training (mirrors `LocalTrainer.plan_noise`, including the
-    budget it reserves for a planned DP Fisher pass)."""
-    privacy, optim = job.privacy, job.optim
-    q = min(1.0, optim.batch_fraction)
-    delta = privacy.delta or default_delta(records)
-    if privacy.noise_multiplier is not None:
-        sigma = float(privacy.noise_multiplier)
-    else:
-        reserved = ([(job.fisher.noise_multiplier, job.fisher.sample_rate, 1)]
-                    if job.ewc.uses_fisher and job.ewc.fisher_after else [])
-        sigma = noise_for_budget(privacy.target_epsilon, delta, q, optim.local_steps * job.federation.rounds,
-                                 spent=reserved)
-    return Plan(sigma, q, optim.local_steps, delta)
+    """What a correct client uses for training (`release_plan.job_round_release`, as
+    `LocalTrainer.plan_noise`, including the budget it reserves for a planned DP Fisher pass)."""
+    sigma, q, delta = job_round_release(job, records)  # the function the client and the ledger use
+    return Plan(float(sigma), q, job.optim.local_steps, delta)
 
 
 def fisher_plan(job, records: int) -> Plan:

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from fedseek.platform.db import Institution, LedgerEntry, Round
 from fedseek.privacy.ledger_math import Release, counts_release, institution_epsilon
-from fedseek.privacy.release_plan import round_release
+from fedseek.privacy.release_plan import job_round_release
 
 KINDS = ("hospital", "bank", "site")
 
@@ -78,9 +78,7 @@ def planned_releases(job, num_records: int, scope: str) -> tuple[list[Release], 
     sigma comes from the function the client uses (`release_plan.round_release`, behind
     `LocalTrainer.plan_noise`), with the same reservation for a planned DP Fisher pass; both
     phases of the probe recipe release the same (sigma, q, local_steps) per round."""
-    reserved = ([(job.fisher.noise_multiplier, job.fisher.sample_rate, 1)]
-                if job.ewc.uses_fisher and job.ewc.fisher_after else [])
-    sigma, q, delta = round_release(job.privacy, job.optim, num_records, job.federation.rounds, reserved)
+    sigma, q, delta = job_round_release(job, num_records)
     return [Release(scope, sigma, q, job.optim.local_steps)] * job.federation.rounds, delta
 
 

@@ -27,3 +27,15 @@ def round_release(privacy, optim, num_records: int, rounds: int,
         return float(privacy.noise_multiplier), q, delta
     return noise_for_budget(privacy.target_epsilon, delta, q, optim.local_steps * rounds,
                             spent=list(reserved)), q, delta
+
+
+def reserved_releases(job) -> list[tuple[float, float, int]]:
+    """The releases a job plans after its training rounds and reserves budget for: its DP Fisher
+    pass (continual learning with EWC), as (sigma_F, q_F, 1)."""
+    fisher = job.fisher
+    return [(fisher.noise_multiplier, fisher.sample_rate, 1)] if job.ewc.uses_fisher and job.ewc.fisher_after else []
+
+
+def job_round_release(job, num_records: int) -> tuple[float, float, float]:
+    """`round_release` for `job` with its reserved releases: what every party plans per round."""
+    return round_release(job.privacy, job.optim, num_records, job.federation.rounds, reserved_releases(job))
