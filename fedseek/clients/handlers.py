@@ -38,6 +38,7 @@ from fedseek.data.periods import Period, split_validation
 from fedseek.models.classifier import AdapterClassifier, EncodedTexts
 from fedseek.models.lora import load_trainable_state, trainable_state
 from fedseek.privacy.accountant import default_delta, epsilon
+from fedseek.privacy.release_plan import reserved_releases
 
 logger = logging.getLogger("fedseek.clients")
 PRIVACY_STATE = "privacy-history"
@@ -189,8 +190,7 @@ def train_round(content: RecordDict, context: Context) -> RecordDict:
         raise PolicyRefusal("federation.rounds", f"round {server_round} of {rounds} "
                             f"({job.optim.local_steps} local steps) is outside the job")
     ewc = EWCState.from_flat(_tensors(content["ewc"])) if "ewc" in content else None
-    fisher = job.fisher
-    planned = [(fisher.noise_multiplier, fisher.sample_rate, 1)] if job.ewc.uses_fisher and job.ewc.fisher_after else []
+    planned = reserved_releases(job)
     history = _history(context, job)
     if not history and server_round > 1 and job.privacy.enabled:
         history = assumed_history(trainer, job, len(data), server_round, planned)
