@@ -26,7 +26,10 @@ def fedseek(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def banking_run(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("banking")
-    proc = fedseek("simulate", "--task", "banking77", "--institutions", "3", "--rounds", "2",
+    # the LoRA recipe: its adapter (LoRA + a stock `score` head) loads with stock PEFT; the default
+    # probe recipe's head reads public-projected multi-layer features (tests/test_dp_recipe.py and
+    # the user-CSV run below)
+    proc = fedseek("simulate", "--task", "banking77", "--institutions", "3", "--rounds", "2", "--recipe", "lora",
                    "--local-steps", "6", "--max-train-rows", "2400", "--epsilon", "8", "--out", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return {"report": json.loads((out / "report.json").read_text()), "stdout": proc.stdout, "out": out}
