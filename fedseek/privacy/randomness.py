@@ -37,7 +37,12 @@ def noise_source(reproducible_seed: int | tuple[int, ...] | None = None,
                  device: str | torch.device = "cpu") -> NoiseSource:
     """A fresh, secretly seeded source; with `reproducible_seed`, a deterministic one (not private)."""
     private = reproducible_seed is None
-    sampler = np.random.default_rng(secrets.randbits(128) if private else reproducible_seed)
     noise = torch.Generator(device=device)
-    noise.manual_seed(secrets.randbits(63) if private else int(sampler.integers(2**63)))
+    if private:
+        sampler = np.random.default_rng(secrets.randbits(128))
+        noise.manual_seed(secrets.randbits(63))
+    else:  # the sampler's stream is that of default_rng(seed); the noise seed does not draw from it
+        sequence = np.random.SeedSequence(reproducible_seed)
+        sampler = np.random.default_rng(sequence)
+        noise.manual_seed(int(sequence.generate_state(1, np.uint64)[0] >> 1))
     return NoiseSource(sampler, noise, private)
