@@ -21,7 +21,7 @@ from sqlalchemy import create_engine, text
 
 # seeded DP noise (not private), so that the resumed job can be compared bit for bit with an
 # uninterrupted one; this test platform allows it (FEDSEEK_ALLOW_REPRODUCIBLE_NOISE)
-TINY = ["--task", "banking77", "--max-train-rows", "240", "--rounds", "4", "--local-steps", "2", "--epsilon", "4",
+TINY = ["--recipe", "lora", "--task", "banking77", "--max-train-rows", "240", "--rounds", "4", "--local-steps", "2", "--epsilon", "4",
         "--reproducible-noise"]
 
 
