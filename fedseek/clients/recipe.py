@@ -118,15 +118,11 @@ def apply_rule(job, records: list[int], given: set[str] = frozenset()) -> None:
     if job.recipe.name != "probe":
         return
     choice = probe_rule(min(records), job.privacy.target_epsilon, job.federation.rounds, len(records))
-    if "batch_fraction" not in given:
-        job.optim.batch_fraction = choice.sample_rate
-    if "local_steps" not in given:
-        job.optim.local_steps = choice.local_steps
-    if "clip_norm" not in given:
-        job.privacy.clip_norm = choice.clip_norm
-    if "probe_rounds" not in given:
-        job.recipe.probe_rounds = choice.probe_rounds
-    if "probe_lr" not in given:
-        job.recipe.probe_lr = choice.learning_rate
-    if "components" not in given:
-        job.recipe.components = choice.components
+    for settings, name, value in ((job.optim, "batch_fraction", choice.sample_rate),
+                                  (job.optim, "local_steps", choice.local_steps),
+                                  (job.privacy, "clip_norm", choice.clip_norm),
+                                  (job.recipe, "probe_rounds", choice.probe_rounds),
+                                  (job.recipe, "probe_lr", choice.learning_rate),
+                                  (job.recipe, "components", choice.components)):
+        if name not in given:
+            setattr(settings, name, value)
