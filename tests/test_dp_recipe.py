@@ -26,10 +26,11 @@ def site(banking):
 
 def test_rule_gives_small_sites_larger_q_and_is_refused_for_nonsense():
     bank, hospital, huge = probe_rule(2334, 8.0, 5, 3), probe_rule(141, 8.0, 5, 3), probe_rule(10**6, 8.0, 5, 3)
-    assert bank.sample_rate == pytest.approx(512 / 2334, abs=1e-4) and bank.local_steps == 22
+    assert bank.sample_rate == pytest.approx(512 / 2334, abs=1e-4) and bank.local_steps == 44
     assert hospital.sample_rate == 0.5 > bank.sample_rate > huge.sample_rate == 0.2
-    assert hospital.local_steps * 5 * hospital.sample_rate >= 24  # the rule's epochs, at least
+    assert hospital.local_steps * 5 * hospital.sample_rate >= 48  # the rule's epochs, at least
     assert bank.probe_rounds == 5 and bank.learning_rate > 0 and bank.clip_norm == 1.0
+    assert bank.max_length == 256  # whole abstracts; banking77 messages are shorter anyway
     assert bank.components == hospital.components == 256  # fewer lost on validation (recipe docstring)
     with pytest.raises(ValueError, match="epsilon"):
         probe_rule(100, 0.0, 5, 3)
@@ -42,7 +43,8 @@ def test_rule_keeps_what_the_user_set_and_the_lora_recipe_untouched():
     assert job.optim.local_steps == 7 and job.optim.batch_fraction == 0.5  # smallest site: 900 records
     old = JobConfig()
     apply_rule(old, [2334], given=set())
-    assert (old.optim.batch_fraction, old.optim.local_steps) == (0.125, 12)
+    assert (old.optim.batch_fraction, old.optim.local_steps, old.data.max_length) == (0.125, 12, 64)
+    assert job.data.max_length == 256
     assert [round_phase(RecipeSettings("probe", 2), r, 4, 1e-3).kind for r in (1, 2, 3, 4)] == \
         ["probe", "probe", "lora", "lora"]
     assert round_phase(RecipeSettings("probe", 2), 3, 4, 1e-3) == Phase("lora", 1, 2, 1e-3)
@@ -70,11 +72,11 @@ def _snapshot(model):
 
 
 def test_probe_round_trains_the_head_only_on_cached_public_standardized_features(site):
-    trainer = LocalTrainer(AdapterClassifier(None, 77, LoraSettings(top_layers=1), pooling="layers"))
+    trainer = LocalTrainer(AdapterClassifier(None, 77, LoraSettings(top_layers=1), 256, pooling="layers"))
     classifier = trainer.classifier
     data = classifier.encode(*site)
     head = next(m for m in classifier.model.modules() if isinstance(m, ProbeHead))
-    mean, std, projection = public_stats(None)
+    mean, std, projection = public_stats(None, 256)  # the shipped statistics
     assert torch.equal(head.mean, mean) and torch.equal(head.projection, projection)  # public only
     assert not any(k.endswith(("mean", "std", "projection")) for k in trainable_state(classifier.model))
     features = classifier.probe_features(data)
@@ -87,14 +89,14 @@ def test_probe_round_trains_the_head_only_on_cached_public_standardized_features
     assert changed and all("score" in n and "modules_to_save" in n for n in changed), changed
     assert classifier.evaluate(data)["loss"] < loss_before - 0.05
     assert classifier.probe_features(data) is features  # LoRA unchanged: no second forward pass
-    small = AdapterClassifier(None, 77, LoraSettings(top_layers=1), pooling="layers", components=32)
+    small = AdapterClassifier(None, 77, LoraSettings(top_layers=1), 256, pooling="layers", components=32)
     small_head = next(m for m in small.model.modules() if isinstance(m, ProbeHead))
     assert small_head.linear.in_features == 32 and torch.equal(small_head.projection, projection[:, :32])
     assert result.history == [(0.8, 0.5, 10)]
 
 
 def test_lp_ft_lora_round_after_the_probe_changes_lora_and_refreshes_features(site):
-    trainer = LocalTrainer(AdapterClassifier(None, 77, LoraSettings(rank=4, top_layers=1), pooling="layers"))
+    trainer = LocalTrainer(AdapterClassifier(None, 77, LoraSettings(rank=4, top_layers=1), 256, pooling="layers"))
     classifier = trainer.classifier
     data = classifier.encode(*site)
     optim = OptimSettings(local_steps=3, batch_fraction=0.5)

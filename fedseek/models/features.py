@@ -11,9 +11,11 @@ the public features, whitened (also public-only): DP-SGD's noise is spread over 
 coordinate, so a head on 256 public directions instead of 1,280 raw coordinates gets five times
 fewer noised coordinates for nearly the same signal (measured: BENCHMARKS.md, "DP recipe").
 
-The statistics are shipped beside the embedded weights (`public_feature_stats.safetensors`, written
-by `python -m fedseek.models.features`); for another base they are computed deterministically from
-the public text at first use and cached under `~/.cache/fedseek/feature-stats/<base sha256>`.
+The statistics depend on the base and on the tokens read per record (`max_length`): those of the
+embedded base at `SHIPPED_MAX_LENGTH` tokens are shipped beside its weights
+(`public_feature_stats.safetensors`, written by `python -m fedseek.models.features`); any other
+(base, max_length) is computed deterministically from the public text at first use and cached under
+`~/.cache/fedseek/feature-stats/<base sha256>-<max_length>.safetensors`.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from torch import nn
 STATS_FILE = "public_feature_stats.safetensors"
 MIN_STD = 1e-4  # a coordinate the public text never moves is not amplified into noise
 COMPONENTS = 256  # public principal directions the head reads
+SHIPPED_MAX_LENGTH = 256  # tokens per record of the shipped statistics (the probe recipe's length)
 
 
 def pool(hidden_states, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -104,23 +107,23 @@ def compute_public_stats(base: str | None, max_length: int = 64) -> dict[str, to
     return stats_of(texts_features(model, tokenizer, public_pretraining_texts(), max_length))
 
 
-def _cache_file(base: str | None) -> Path:
+def _cache_file(base: str | None, max_length: int) -> Path:
     from fedseek.models.loading import EMBEDDED_MODEL, base_model_hash, resolve_base
 
     path = resolve_base(base)
-    if path == EMBEDDED_MODEL:
+    if path == EMBEDDED_MODEL and max_length == SHIPPED_MAX_LENGTH:
         return path / STATS_FILE
     root = Path(os.environ.get("FEDSEEK_CACHE", Path.home() / ".cache" / "fedseek"))
-    return root / "feature-stats" / f"{base_model_hash(base)[:16]}.safetensors"
+    return root / "feature-stats" / f"{base_model_hash(base)[:16]}-{max_length}.safetensors"
 
 
 @lru_cache(maxsize=4)
-def public_stats(base: str | None, max_length: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(mean, std, projection) of the base's public features: shipped/cached file, else computed
-    and cached."""
+def public_stats(base: str | None, max_length: int = SHIPPED_MAX_LENGTH) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean, std, projection) of the base's public features at `max_length` tokens per record:
+    shipped/cached file, else computed and cached."""
     from safetensors.torch import load_file, save_file
 
-    path = _cache_file(base)
+    path = _cache_file(base, max_length)
     if path.is_file():
         stats = load_file(str(path))
     else:
@@ -138,6 +141,6 @@ if __name__ == "__main__":  # regenerate the shipped statistics of the embedded 
 
     from fedseek.models.loading import EMBEDDED_MODEL
 
-    stats = compute_public_stats(None)
+    stats = compute_public_stats(None, SHIPPED_MAX_LENGTH)
     save_file(stats, str(EMBEDDED_MODEL / STATS_FILE))
     print(f"wrote {EMBEDDED_MODEL / STATS_FILE}: {tuple(stats['projection'].shape)} projection")
