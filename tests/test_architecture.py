@@ -1,0 +1,106 @@
+"""The package's import graph, read with `ast` (every import, also function-local and relative
+ones): no cycles, no forbidden directions, a leaf config, short modules."""
+from __future__ import annotations
+
+import ast
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).parents[1] / "fedseek"
+# layers below the platform (the composition root): none of them may import it
+LOWER = ("clients", "aggregator", "continual", "privacy", "models", "data", "wire")
+MAX_LINES = 300
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return found
+
+
+@lru_cache(maxsize=None)
+def import_graph() -> dict[str, frozenset[str]]:
+    """module -> the fedseek modules it imports (a package's __init__ counts as a module)."""
+    mods = modules()
+    graph = {}
+    for name, path in mods.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: `from ..x import y` inside package a.b -> a.x
+                    anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                    base = ".".join(anchor + ([base] if base else []))
+                targets.add(base)
+                targets.update(f"{base}.{alias.name}" for alias in node.names)  # submodules
+        graph[name] = frozenset(t for t in targets if t in mods and t != name)
+    return graph
+
+
+def cycles(graph: dict[str, frozenset[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = stack[stack.index(v):]
+            del stack[stack.index(v):]
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return sorted(found)
+
+
+def layer(module: str) -> str:
+    return module.split(".")[1] if module.count(".") else ""
+
+
+def test_the_graph_sees_local_imports_and_finds_cycles():
+    assert "fedseek.clients.handlers" in import_graph()["fedseek.clients.client_app"]  # function-local
+    assert cycles({"a": frozenset({"b"}), "b": frozenset({"c"}), "c": frozenset({"a"}), "d": frozenset({"a"})}) \
+        == [["a", "b", "c"]]
+
+
+def test_no_import_cycles():
+    found = cycles(import_graph())
+    assert not found, "import cycles between fedseek modules:\n" + "\n".join(" <-> ".join(c) for c in found)
+
+
+def test_lower_layers_never_import_the_platform_and_continual_never_imports_clients():
+    bad = [f"{m} -> {t}" for m, targets in sorted(import_graph().items()) for t in sorted(targets)
+           if (layer(m) in LOWER and layer(t) == "platform") or (layer(m) == "continual" and layer(t) == "clients")]
+    assert not bad, "forbidden import directions:\n" + "\n".join(bad)
+
+
+@pytest.mark.xfail(strict=True, reason="config leaf: lead's change in progress")
+def test_config_is_a_leaf():
+    assert not sorted(import_graph()["fedseek.config"]), "fedseek/config.py imports fedseek modules"
+
+
+@pytest.mark.xfail(strict=True, reason="over 300 lines: fedseek/platform/reporter.py (to be split into "
+                   "ledger/tracking/checkpoint parts), fedseek/platform/deploy_cli.py")
+def test_modules_are_short():
+    long = {str(p.relative_to(PACKAGE.parent)): n for p in modules().values()
+            if "migrations" not in p.parts and (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines: {long}"
