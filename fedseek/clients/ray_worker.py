@@ -21,7 +21,7 @@ class SiteWorker:
     """Runs `fedseek.clients.handlers.HANDLERS` for one institution, keeping its caches."""
 
     def __init__(self):
-        from fedseek.platform.simulation import quiet_environment
+        from fedseek.quiet import quiet_environment
 
         quiet_environment()
         threads = int(os.environ.get("FEDSEEK_TORCH_THREADS", "0"))

@@ -194,7 +194,8 @@ def resume(job_id: int = typer.Argument(..., help="The job to continue (see `fed
     from fedseek.platform.checkpoints import CheckpointError
     from fedseek.platform.jobs import resume_job
     from fedseek.platform.resume import ResumeError
-    from fedseek.platform.simulation import SimulationError, quiet_environment
+    from fedseek.platform.simulation import SimulationError
+    from fedseek.quiet import quiet_environment
 
     quiet_environment()
     try:

@@ -120,7 +120,7 @@ def simulate(
 ) -> None:
     """Run a federation of simulated institutions (Flower simulation engine, Ray backend); with
     --periods, a continual-learning sequence of federated jobs (see `fedseek continual`)."""
-    from fedseek.platform.simulation import quiet_environment
+    from fedseek.quiet import quiet_environment
 
     quiet_environment()
     from fedseek.aggregator.compression import CompressionSettings

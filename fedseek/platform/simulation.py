@@ -3,31 +3,13 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 
 from fedseek.config import JobConfig
+from fedseek.quiet import quiet_environment
 
 
 class SimulationError(RuntimeError):
     """The federation did not finish (a ServerApp or ClientApp failed)."""
-
-
-def quiet_environment() -> None:
-    """Offline, quiet libraries in this process and the Ray workers it starts."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("PYTHONWARNINGS", "ignore")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    os.environ.setdefault("RAY_worker_niceness", "0")  # local training is the work: no demotion
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
 
 
 def simulate(job: JobConfig, reporter=None, cpus_per_client: float | None = None,
