@@ -11,11 +11,10 @@ from enum import Enum
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)  # no truncated names in logs
-err_console = Console(stderr=True, soft_wrap=True, highlight=False)
+from fedseek.platform.cli_common import console, fail, session as _session, settings as _settings
+
 db_app = typer.Typer(help="Platform database: migrations and the MLflow outbox.", no_args_is_help=True)
 institutions_app = typer.Typer(help="Institutions and their lifetime privacy budgets.", no_args_is_help=True)
 schedule_app = typer.Typer(help="Scheduled retraining (cron or new-data triggers).", no_args_is_help=True)
@@ -26,23 +25,6 @@ class Kind(str, Enum):
     hospital = "hospital"
     bank = "bank"
     site = "site"
-
-
-def fail(message: str, code: int = 2):
-    err_console.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code=code)
-
-
-def _settings():
-    from fedseek.platform.settings import load_settings
-
-    return load_settings()
-
-
-def _session():
-    from fedseek.platform.db import session_scope
-
-    return session_scope(_settings().database_url)
 
 
 def _client():

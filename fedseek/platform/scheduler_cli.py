@@ -7,10 +7,10 @@ import shlex
 import typer
 from rich.table import Table
 
+from fedseek.platform.cli_common import console, fail, session as _session, settings as _settings
+
 
 def register(schedule_app: typer.Typer, scheduler_app: typer.Typer) -> None:
-    from fedseek.platform.admin_cli import _session, _settings, console, fail
-
     @schedule_app.command("add")
     def add(task: str = typer.Option(..., help="Task to retrain (as for `fedseek simulate --task`)."),
             cron: str = typer.Option(None, help="Crontab expression in UTC, e.g. '0 2 * * 1'."),

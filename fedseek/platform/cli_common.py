@@ -1,0 +1,30 @@
+"""What the platform's command modules share: the consoles, `fail`, and the platform settings
+and DB session of this process (FEDSEEK_*, fedseek/platform/settings.py)."""
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)  # no truncated names in logs
+err_console = Console(stderr=True, soft_wrap=True, highlight=False)
+
+
+def fail(message: str, code: int = 2):
+    """Print `error: message` on stderr and exit with `code`."""
+    err_console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code=code)
+
+
+def settings():
+    from fedseek.platform.settings import load_settings
+
+    return load_settings()
+
+
+def session():
+    """A session on the platform DB (committed on success)."""
+    from fedseek.platform.db import session_scope
+
+    return session_scope(settings().database_url)
