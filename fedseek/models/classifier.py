@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedseek.models.features import ProbeHead, pool, public_stats
+from fedseek.models.features import ProbeHead, decoder_of, pool, public_stats
 from fedseek.models.loading import load_classifier, load_tokenizer
 from fedseek.models.lora import LoraSettings, apply_lora, first_adapted_layer
 
@@ -36,14 +36,6 @@ class EncodedTexts:
         return len(self.inputs)
 
 
-def _decoder(model: nn.Module) -> nn.Module:
-    """The inner decoder (the module owning `layers` and `embed_tokens`)."""
-    for module in model.modules():
-        if isinstance(getattr(module, "layers", None), nn.ModuleList) and hasattr(module, "embed_tokens"):
-            return module
-    raise ValueError("model has no decoder with `layers` and `embed_tokens`")
-
-
 @contextmanager
 def _only_layers_from(decoder: nn.Module, first: int):
     layers = decoder.layers
@@ -60,7 +52,7 @@ def pooled_logits(model: nn.Module, attention_mask: torch.Tensor, **inputs) -> t
     position is trained to predict the next document) and DP training far better than the stock
     last-token pooling; this function works on a model loaded with stock `PeftModel.from_pretrained`.
     """
-    hidden = _decoder(model)(attention_mask=attention_mask, **inputs).last_hidden_state
+    hidden = decoder_of(model)(attention_mask=attention_mask, **inputs).last_hidden_state
     weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
     pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
     return _head(model)(pooled)
@@ -99,7 +91,7 @@ class AdapterClassifier:
         self.first_adapted = first_adapted_layer(model, lora)
         self.device = torch.device(device or default_device())
         self.model = apply_lora(model, lora).to(self.device)
-        self.decoder = _decoder(self.model)
+        self.decoder = decoder_of(self.model)
         self.max_length = max_length
         self.num_labels = num_labels
 

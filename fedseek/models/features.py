@@ -33,6 +33,14 @@ COMPONENTS = 256  # public principal directions the head reads
 SHIPPED_MAX_LENGTH = 256  # tokens per record of the shipped statistics (the probe recipe's length)
 
 
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The inner decoder (the module owning `layers` and `embed_tokens`)."""
+    for module in model.modules():
+        if isinstance(getattr(module, "layers", None), nn.ModuleList) and hasattr(module, "embed_tokens"):
+            return module
+    raise ValueError("model has no decoder with `layers` and `embed_tokens`")
+
+
 def pool(hidden_states, attention_mask: torch.Tensor) -> torch.Tensor:
     """(batch, layers*hidden): each hidden-state tensor mean-pooled over real tokens, concatenated."""
     weights = attention_mask.unsqueeze(-1).to(hidden_states[0].dtype)
@@ -63,9 +71,7 @@ def texts_features(model: nn.Module, tokenizer, texts: list[str], max_length: in
                    chunk: int = 128) -> torch.Tensor:
     """Pooled multi-layer features of `texts` under `model` (a causal LM or classifier whose inner
     decoder has `layers` and `embed_tokens`), in input order."""
-    from fedseek.models.classifier import _decoder
-
-    decoder = _decoder(model)
+    decoder = decoder_of(model)
     ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
     out: torch.Tensor | None = None
     order = np.argsort([len(x) for x in ids], kind="stable")
