@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from flwr.app import ConfigRecord
 
-from fedseek.aggregator.server_app import job_from_run_config
+from fedseek.platform.flower_app import job_from_run_config
 from fedseek.config import JobConfig
 
 

@@ -3,6 +3,7 @@ atomic rounds, pre-flight refusal, stopping before an over-budget round. No Flow
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ from fedseek.config import JobConfig
 from fedseek.data.tasks import load_federated_data
 from fedseek.platform import ledger
 from fedseek.platform.db import Institution, Job, LedgerEntry, Period, Round, engine_for, session_scope, upgrade
-from fedseek.platform.reporter import PlatformReporter, StopJob
+from fedseek.platform.reporter import PlatformReporter
 from fedseek.platform.settings import PlatformSettings
 from fedseek.privacy.accountant import epsilon
 from fedseek.privacy.ledger_math import DataScope
@@ -147,8 +148,10 @@ def test_running_job_stops_before_the_round_that_would_exceed(db_url, tmp_path, 
     reporter.preflight(job, small_data)
     reporter.start(job, small_data, {"accuracy": 0.01, "loss": 4.4})
     reporter.round(round_row(1, small_data.institutions, 0.8))  # ...but the sites spend far more
-    with pytest.raises(StopJob, match=r"stopped before round 3: institution 'bank_a' would reach epsilon"):
-        reporter.round(round_row(2, small_data.institutions, 0.8))
+    assert reporter.should_continue()
+    reporter.round(round_row(2, small_data.institutions, 0.8))
+    assert not reporter.should_continue()
+    assert re.match(r"stopped before round 3: institution 'bank_a' would reach epsilon", reporter.stop_reason)
     with session_scope(db_url) as session:
         worst = max(e.epsilon_after for e in session.scalars(select(LedgerEntry)))
         assert session.scalar(select(func.count(Round.id))) == 2

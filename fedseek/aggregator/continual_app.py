@@ -27,8 +27,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp import Grid
 
 from fedseek.aggregator.reply_trust import ReplyTrust, fisher_reply
-from fedseek.aggregator.server_app import (Reporter, SilentReporter, StopFederation, _round_row, _tensors,
-                                           build_report, census, reply_trust)
+from fedseek.aggregator.rounds import Reporter, SilentReporter, run_rounds
+from fedseek.aggregator.server_app import _round_row, _tensors, build_report, census, reply_trust
 from fedseek.aggregator.strategy import AdapterFedAvg, reply_origin
 from fedseek.config import PERIOD_SEPARATOR, JobConfig, job_data, period_names
 from fedseek.continual.ewc import EWCState, consolidate, normalise_fisher
@@ -103,27 +103,26 @@ class ContinualRunner:
             self.reporter.round(rows[-1])
             return MetricRecord(evaluation)
 
-        try:
-            result = strategy.start(grid=self.grid, initial_arrays=arrays, num_rounds=job.federation.rounds,
-                                    train_config=train_config, evaluate_fn=evaluate)
-        except StopFederation as stop:  # a budget would be exceeded: end the sequence cleanly
+        final, stopped = run_rounds(strategy, self.grid, arrays, job.federation.rounds, train_config, evaluate,
+                                    self.reporter)
+        if stopped:  # a budget would be exceeded: end the sequence cleanly
             report = build_report(job, data, self.classifier, initial, rows, strategy.round_log, started)
-            report.update(period=job.data.period, data_scope=job.data.period_scope, fisher=[], stopped=str(stop))
+            report.update(period=job.data.period, data_scope=job.data.period_scope, fisher=[], stopped=stopped)
             (Path(job.federation.out) / "report.json").write_text(json.dumps(report, indent=2))
             self.reporter.finish(report)
             return {"arrays": arrays, "state": state, "report": report, "seconds": time.time() - started,
-                    "stopped": str(stop)}
+                    "stopped": stopped}
         epsilon = {e["institution"]: e.get("epsilon") for e in strategy.round_log.get(job.federation.rounds, [])}
         fisher, fisher_log = None, []
         if job.ewc.fisher_after:
-            fisher, fisher_log = self.federated_fisher(result.arrays, train_config, trust, job)
+            fisher, fisher_log = self.federated_fisher(final, train_config, trust, job)
             epsilon.update({e["institution"]: e["epsilon"] for e in fisher_log if "epsilon" in e})
         if fisher is not None:
             if data.active_labels is not None:
                 heads = [n for n, t in fisher.items() if "modules_to_save" in n and t.shape[0] == len(self.label_names)]
                 fisher = restrict_rows(fisher, heads, list(data.active_labels))
-            state = consolidate(state, normalise_fisher(fisher), _tensors(result.arrays), job.ewc)
-        load_trainable_state(self.classifier.model, _tensors(result.arrays))
+            state = consolidate(state, normalise_fisher(fisher), _tensors(final), job.ewc)
+        load_trainable_state(self.classifier.model, _tensors(final))
         report = build_report(job, data, self.classifier, initial, rows, strategy.round_log, started)
         report.update(period=job.data.period, data_scope=job.data.period_scope, fisher=fisher_log,
                       epsilon=epsilon if job.privacy.enabled else None)
@@ -134,7 +133,7 @@ class ContinualRunner:
                                           job.ewc.lam if job.ewc.uses_fisher else None)
         (Path(job.federation.out) / "report.json").write_text(json.dumps(report, indent=2))
         self.reporter.finish(report)
-        return {"arrays": result.arrays, "state": state, "report": report,
+        return {"arrays": final, "state": state, "report": report,
                 "seconds": time.time() - started}
 
     def message_config(self, job: JobConfig, data) -> ConfigRecord:

@@ -1,8 +1,9 @@
 """Flower ServerApp: FedAvg over LoRA adapters with centralized evaluation on the global test set
 each round; saves the final adapter in PEFT format and writes report.json.
 
-`make_server_app(job, reporter)` is what `fedseek simulate` runs; the module-level `app` serves
-`flwr run` and reads the job from the run config (`[tool.flwr.app.config]`).
+`make_server_app(job, reporter)` is what `fedseek simulate` runs; the `flwr run` entry, which
+reads the job from the run config, is `fedseek.platform.flower_app:app` (the platform composes,
+the aggregator never imports it).
 """
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.serverapp import Grid, ServerApp
 
 from fedseek.aggregator.reply_trust import Plans, ReplyTrust
+from fedseek.aggregator.rounds import Reporter, SilentReporter, run_rounds
 from fedseek.aggregator.strategy import AdapterFedAvg, reply_origin
 from fedseek.config import JobConfig, data_arguments
 from fedseek.data.tasks import FederatedData, load_federated_data
@@ -30,28 +31,6 @@ from fedseek.privacy.randomness import noise_label
 
 
 logger = logging.getLogger("fedseek")
-
-
-class Reporter(Protocol):
-    def start(self, job: JobConfig, data: FederatedData, initial: dict) -> None: ...
-    def round(self, row: dict) -> None: ...
-    def finish(self, report: dict) -> None: ...
-
-
-class StopFederation(Exception):
-    """Raised by a reporter's `round` to end the job cleanly after that committed round (e.g. the
-    next round would exceed a privacy budget); the report is built from the rounds so far."""
-
-
-class SilentReporter:
-    def start(self, job, data, initial):  # noqa: D102
-        pass
-
-    def round(self, row):  # noqa: D102
-        pass
-
-    def finish(self, report):  # noqa: D102
-        pass
 
 
 def _tensors(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
@@ -86,7 +65,6 @@ def run_federation(grid: Grid, job: JobConfig, reporter: Reporter | None = None,
                              node_names=nodes, min_institutions=job.federation.min_institutions,
                              rejoin_wait=job.federation.rejoin_wait, trust=trust)
     rows: list[dict] = list(resume.rows) if resume else []
-    checkpoint = getattr(reporter, "checkpoint", None)
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
@@ -99,24 +77,20 @@ def run_federation(grid: Grid, job: JobConfig, reporter: Reporter | None = None,
             rows[-1]["dropped"] = strategy.dropped_log[server_round]
         if strategy.aggregate_log.get(server_round):
             rows[-1]["aggregate_rejected"] = strategy.aggregate_log[server_round]
-        if checkpoint:  # the global adapter of this round, on disk before the round is committed
-            checkpoint(done + server_round, {k: v.numpy() for k, v in tensors.items()})
+        # the global adapter of this round (e.g. on disk) before the round is committed
+        reporter.checkpoint(done + server_round, {k: v.numpy() for k, v in tensors.items()})
         reporter.round(rows[-1])
         return MetricRecord(evaluation)
 
     train_config = ConfigRecord({**job.to_flat(), "label-names": list(data.label_names), "round-offset": done})
     stopped = None
     round_log = strategy.round_log
-    try:
-        if job.federation.rounds > done:
-            result = strategy.start(grid=grid, initial_arrays=initial_arrays, num_rounds=job.federation.rounds - done,
-                                    timeout=job.federation.round_timeout,
-                                    train_config=train_config, evaluate_fn=evaluate)
-            load_trainable_state(classifier.model, _tensors(result.arrays))
-        else:  # every round was committed before the interruption: only the report is left
-            round_log = {done: rows[-1]["clients"]} if rows else {}
-    except StopFederation as stop:  # the classifier already holds the last committed round's adapter
-        stopped = str(stop)
+    if job.federation.rounds > done:  # `final`: the last committed round's adapter, also if stopped early
+        final, stopped = run_rounds(strategy, grid, initial_arrays, job.federation.rounds - done, train_config,
+                                    evaluate, reporter, timeout=job.federation.round_timeout)
+        load_trainable_state(classifier.model, _tensors(final))
+    else:  # every round was committed before the interruption: only the report is left
+        round_log = {done: rows[-1]["clients"]} if rows else {}
     report = build_report(job, sites or data, classifier, initial, rows, round_log, started)
     if resume:
         report["resumed_after_round"] = done
@@ -279,38 +253,3 @@ def make_server_app(job: JobConfig, reporter: Reporter | None = None, run=None) 
         (run or run_federation)(grid, job, reporter)
 
     return server
-
-
-app = ServerApp()
-
-
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    """`flwr run` entry: the run config keys are the `section.field` names of JobConfig, or the
-    short names of [tool.flwr.app.config], or the whole flat JobConfig as JSON in `job`;
-    `platform-track = true` (what `fedseek deploy run`
-    sets) records the job in the platform DB, privacy ledger and MLflow."""
-    run_config = dict(context.run_config)
-    job = job_from_run_config(run_config)
-    if run_config.get("platform-track"):
-        from fedseek.platform.jobs import run_deployed
-
-        run_deployed(grid, job, census_timeout=float(run_config.get("census-timeout", 300)),
-                     resume_job=int(run_config.get("resume-job", 0) or 0))
-    else:
-        run_federation(grid, job)
-
-
-RUN_CONFIG_ALIASES = {
-    "task": "data.task", "institutions": "federation.institutions",
-    "num-server-rounds": "federation.rounds", "local-steps": "optim.local_steps",
-    "epsilon": "privacy.target_epsilon", "dp": "privacy.enabled", "lora-rank": "lora.rank",
-    "seed": "federation.seed", "base-model": "federation.base_model", "out": "federation.out",
-}
-
-
-def job_from_run_config(run_config: dict) -> JobConfig:
-    if run_config.get("job"):
-        return JobConfig.from_flat(json.loads(str(run_config["job"])))
-    flat = {RUN_CONFIG_ALIASES.get(k, k): v for k, v in run_config.items()}
-    return JobConfig.from_flat(flat)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from fedseek.aggregator.rounds import SilentReporter
+
 
 def _bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
@@ -14,8 +16,8 @@ def _bytes(n: float) -> str:
     return str(n)
 
 
-class RichReporter:
-    """Prints one table row per committed round as it happens."""
+class RichReporter(SilentReporter):
+    """Prints one table row per committed round as it happens (keeps no checkpoint, never stops a job)."""
 
     def __init__(self, console: Console | None = None):
         self.console = console or Console()

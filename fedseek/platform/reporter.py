@@ -1,6 +1,7 @@
 """PlatformReporter: records a federated job in the platform DB (job, rounds committed atomically
 with their ledger entries, adapter version) and in MLflow (through the outbox), registers the
-adapter and gates promotion. Same start/round/finish protocol as `server_app.Reporter`."""
+adapter and gates promotion. A `fedseek.aggregator.rounds.Reporter`: its `should_continue()` says
+no when the next round would take an institution over its privacy budget."""
 from __future__ import annotations
 
 import hashlib
@@ -8,7 +9,6 @@ import json
 import math
 from pathlib import Path
 
-from fedseek.aggregator.server_app import StopFederation
 from fedseek.continual.report import heatmap_png
 from fedseek.platform import ledger, plots
 from fedseek.platform.checkpoints import checkpoint_path, crash_point, save_checkpoint
@@ -20,10 +20,6 @@ from fedseek.platform.settings import PlatformSettings, load_settings
 from fedseek.platform.tracking import Outbox, flush_all
 from fedseek.privacy.ledger_math import DataScope, Release, institution_epsilon
 from fedseek.privacy.randomness import noise_label
-
-
-class StopJob(StopFederation):
-    """The next round would exceed a budget: end the job cleanly after the committed round."""
 
 
 def data_scope(job, runner: str = "simulate") -> str:
@@ -67,6 +63,7 @@ class PlatformReporter:
         self.checkpoint_sha256: dict[int, str] = {}  # round -> digest of its written checkpoint
         self.scope = "all"  # the current job's ledger scope key (set by preflight/attach)
         self.preflighted: dict | None = None  # the flat config the current job row was checked for
+        self.stop_reason = ""  # set when the next round would exceed a budget (should_continue)
 
     # -- before Ray starts -------------------------------------------------------------------
     def preflight(self, job, data) -> list[ledger.Projection]:
@@ -101,6 +98,7 @@ class PlatformReporter:
 
     # -- Reporter protocol ----------------------------------------------------------------------
     def start(self, job, data, initial) -> None:
+        self.stop_reason = ""
         if self.resumed is not None:
             return self._restart(job, data, initial)
         if self.job_id is None or self.finished or self.preflighted != job.to_flat():
@@ -186,6 +184,10 @@ class PlatformReporter:
         if int(row["round"]) < self.job.federation.rounds and entries:
             self._stop_if_next_round_exceeds(entries)
 
+    def should_continue(self) -> bool:
+        """False once the next round would exceed a budget: the job ends after the committed round."""
+        return not self.stop_reason
+
     def finish(self, report: dict) -> None:
         out = Path(report["adapter_dir"]).parent
         stopped = report.get("stopped")
@@ -239,6 +241,7 @@ class PlatformReporter:
         return entries
 
     def _stop_if_next_round_exceeds(self, entries: list[dict]) -> None:
+        """Set `stop_reason` if repeating this round's releases would exceed an institution's budget."""
         from sqlalchemy import select
 
         from fedseek.platform.db import Institution
@@ -251,8 +254,9 @@ class PlatformReporter:
                 nxt = institution_epsilon(history + [Release(scope, entry["sigma"], entry["q"], entry["steps"])],
                                           inst.delta or entry["delta"])
                 if nxt > inst.epsilon_max + 1e-9:
-                    raise StopJob(f"stopped before round {len(self.rows) + 1}: institution "
-                                  f"{inst.name!r} would reach epsilon {nxt:.3f} > budget {inst.epsilon_max:g}")
+                    self.stop_reason = (f"stopped before round {len(self.rows) + 1}: institution {inst.name!r} "
+                                        f"would reach epsilon {nxt:.3f} > budget {inst.epsilon_max:g}")
+                    return
 
     def _round_metrics(self, row: dict) -> None:
         step = int(row["round"])
