@@ -17,12 +17,11 @@ import torch
 
 from bench_io import pyplot, save_figure, write_json
 from fedseek.privacy.randomness import noise_source
-from fedseek.clients.dp_trainer import LocalTrainer, OptimSettings, PrivacySettings
-from fedseek.config import JobConfig, job_data
+from fedseek.clients.dp_trainer import LocalTrainer
+from fedseek.config import FisherSettings, JobConfig, LoraSettings, OptimSettings, PrivacySettings
+from fedseek.data.plan import job_data
 from fedseek.continual.ewc import EWCState
-from fedseek.continual.fisher import FisherSettings
 from fedseek.models.classifier import AdapterClassifier
-from fedseek.models.lora import LoraSettings
 
 
 def main() -> None:

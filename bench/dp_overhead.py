@@ -54,7 +54,7 @@ class Stepper:
 
         from fedseek.data.tasks import load_federated_data
         from fedseek.models.classifier import AdapterClassifier
-        from fedseek.models.lora import LoraSettings
+        from fedseek.config import LoraSettings
 
         site = load_federated_data("banking77").train[0]
         rows = np.random.default_rng(0).choice(len(site), batch, replace=False)

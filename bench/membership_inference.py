@@ -19,12 +19,12 @@ import torch
 from torch import nn
 
 import bench_io
-from fedseek.aggregator.robust import RobustSettings
-from fedseek.clients.dp_trainer import LocalTrainer, OptimSettings, PrivacySettings
+from fedseek.config import LoraSettings, OptimSettings, PrivacySettings, RobustSettings
+from fedseek.clients.dp_trainer import LocalTrainer
 from fedseek.data.partition import stratified_split
 from fedseek.data.tasks import load_federated_data
 from fedseek.models.classifier import AdapterClassifier, EncodedTexts
-from fedseek.models.lora import LoraSettings, trainable_state
+from fedseek.models.lora import trainable_state
 from robustness import federate
 
 

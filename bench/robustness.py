@@ -16,11 +16,12 @@ import numpy as np
 import torch
 
 import bench_io
-from fedseek.aggregator.robust import RobustAggregate, RobustSettings, clip_delta, delta_norm, norm_outliers
-from fedseek.clients.dp_trainer import LocalTrainer, OptimSettings, PrivacySettings
+from fedseek.aggregator.robust import RobustAggregate, clip_delta, delta_norm, norm_outliers
+from fedseek.config import LoraSettings, OptimSettings, PrivacySettings, RobustSettings
+from fedseek.clients.dp_trainer import LocalTrainer
 from fedseek.data.tasks import load_federated_data
 from fedseek.models.classifier import AdapterClassifier
-from fedseek.models.lora import LoraSettings, load_trainable_state, trainable_state
+from fedseek.models.lora import load_trainable_state, trainable_state
 
 
 def setup(institutions: int = 5, seed: int = 0, test_rows: int | None = None, train_rows: int | None = None):

@@ -28,12 +28,14 @@ import numpy as np
 
 from bench_io import RESULTS, own_platform_env, pyplot, save_figure, write_json
 from fedseek.aggregator.aggregation import StreamingAverage, weighted_average
-from fedseek.aggregator.compression import CompressionSettings, decode, encode
+from fedseek.wire.compression import decode, encode
+from fedseek.config import CompressionSettings
 
 
 def adapter_shapes() -> dict[str, tuple]:
     from fedseek.models.classifier import AdapterClassifier
-    from fedseek.models.lora import LoraSettings, trainable_state
+    from fedseek.models.lora import trainable_state
+    from fedseek.config import LoraSettings
 
     model = AdapterClassifier(None, 77, LoraSettings()).model
     return {k: tuple(v.shape) for k, v in trainable_state(model).items()}

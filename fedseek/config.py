@@ -1,26 +1,27 @@
-"""Job configuration: one dataclass per concern, flattened to `section.field` keys for Flower's
-ConfigRecord / run config and rebuilt on the other side.
+"""Job configuration: one documented dataclass per concern, flattened to `section.field` keys for
+Flower's ConfigRecord / run config and rebuilt on the other side.
+
+A leaf module: it imports nothing from fedseek, so every reader of a job (the coordinator, a site,
+the CLI, the ledger) gets the settings without pulling in Opacus, Flower or torch. What a setting
+*does* lives with its concern (fedseek.clients.dp_trainer, fedseek.aggregator.robust, ...); the
+data functions that read a job's records are in fedseek.data.plan.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from dataclasses import dataclass, field
-from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from fedseek.aggregator.compression import CompressionSettings
-from fedseek.aggregator.robust import RobustSettings
-from fedseek.clients.dp_trainer import OptimSettings, PrivacySettings
-from fedseek.clients.recipe import RecipeSettings
-from fedseek.continual.ewc import EWCSettings
-from fedseek.continual.fisher import FisherSettings
-from fedseek.models.lora import LoraSettings
-
 PERIOD_SEPARATOR = "|"
+CODECS = ("none", "fp16", "int8", "int4")
+
+RULES = ("fedavg", "trimmed-mean", "median")
+
+METHODS = ("naive", "ewc", "online-ewc", "joint")
+
+GRANULARITIES = ("tensor", "row", "coordinate")
+
+RECIPES = ("probe", "lora")
 
 
 @dataclass
@@ -80,6 +81,144 @@ class FederationSettings:
 
 
 @dataclass
+class LoraSettings:
+    """LoRA adapter settings shared by every institution of a job."""
+
+    rank: int = 16
+    alpha: float = 32.0
+    targets: str = "attention"  # preset name, or comma-separated module names
+    top_layers: int = 1  # adapt only the last N decoder layers (0 = all); lower layers stay frozen
+    ffa: bool = False  # FFA-LoRA: A frozen at its seeded init, only B (+ head) trained and sent
+    seed: int = 0  # shared seed: identical A matrices at every institution
+    extra_trainable: list[str] = field(default_factory=lambda: ["score"])  # task head
+
+
+@dataclass
+class PrivacySettings:
+    """Record-level DP of one institution for the whole job."""
+
+    enabled: bool = True
+    target_epsilon: float = 8.0  # budget for the whole job (all rounds)
+    delta: float | None = None  # None: min(1e-5, 0.01/N) for the institution's N records (N*delta <= 0.01)
+    noise_multiplier: float | None = None  # given sigma overrides the target-epsilon derivation
+    clip_norm: float = 1.0  # per-sample gradient clipping bound C
+    # seeded DP noise and sampling, for tests and benchmarks only: the job is then NOT private
+    # (the coordinator can regenerate the noise); tracked and deployed jobs refuse it
+    reproducible_noise: bool = False
+
+    @property
+    def private_noise(self) -> bool:
+        return self.enabled and not self.reproducible_noise
+
+
+@dataclass
+class OptimSettings:
+    """Local optimisation; the learning-rate schedule spans the whole job (all rounds)."""
+
+    local_steps: int = 12  # logical (noised) steps per round
+    batch_fraction: float = 0.125  # expected batch = q * N (large batches: lower noise per signal)
+    learning_rate: float = 2e-2  # high for DP: noisy Adam steps need it (BENCHMARKS.md sweep)
+    warmup_fraction: float = 0.05
+    schedule: str = "cosine"  # cosine | constant (both after linear warmup)
+    chunk_size: int = 256  # physical batch: bounds memory, not the math
+
+
+@dataclass
+class RecipeSettings:
+    """Which DP recipe a job trains with; `probe_rounds` < 0 means "all rounds" (the rule's value)."""
+
+    name: str = "lora"  # probe | lora (library default: the old recipe; `fedseek simulate`: probe)
+    probe_rounds: int = -1  # head-only rounds at the start (probe recipe); -1 = every round
+    probe_lr: float = 1e-2  # Adam learning rate of the head-only phase (the rule's value, fedseek.clients.recipe)
+    components: int = 0  # public principal directions the head reads (0: all shipped, 256)
+
+    @property
+    def pooling(self) -> str:
+        return "layers" if self.name == "probe" else "last"
+
+    def check(self) -> None:
+        if self.name not in RECIPES:
+            raise ValueError(f"recipe.name {self.name!r} is not one of {list(RECIPES)}")
+
+
+@dataclass
+class CompressionSettings:
+    """How institutions encode their adapter updates for upload."""
+
+    codec: str = "none"  # none | fp16 | int8 | int4
+    topk: float = 0.0  # keep this fraction of each tensor's delta entries (0 = all)
+    error_feedback: bool = True  # carry the encoding error into the next round's delta
+
+    @property
+    def enabled(self) -> bool:
+        """True when updates travel as encoded deltas (anything but plain float32 tensors)."""
+        return self.codec != "none" or self.topk > 0
+
+    def __post_init__(self):
+        if self.codec not in CODECS:
+            raise ValueError(f"unknown compression codec {self.codec!r}; choose one of {CODECS}")
+        if not 0.0 <= self.topk < 1.0:
+            raise ValueError(f"topk must be a fraction in [0, 1), got {self.topk}")
+
+
+@dataclass
+class RobustSettings:
+    """How the coordinator bounds and combines institutions' updates."""
+
+    rule: str = "fedavg"  # fedavg | trimmed-mean | median
+    trim_fraction: float = 0.2  # trimmed-mean: fraction cut from each end of every coordinate
+    clip_norm: float = 0.0  # server-side L2 bound on each update's delta (0 = off)
+    max_update_bytes: int = 0  # reject larger replies; 0 = 2x the global adapter's size + 64 KiB
+    outlier_ratio: float = 0.0  # reject deltas with norm > ratio x the round's median (0 = off)
+
+    def __post_init__(self):
+        if self.rule not in RULES:
+            raise ValueError(f"unknown aggregation rule {self.rule!r}; choose one of {RULES}")
+        if not 0.0 <= self.trim_fraction < 0.5:
+            raise ValueError(f"trim_fraction must be in [0, 0.5), got {self.trim_fraction}")
+        if self.clip_norm < 0 or self.max_update_bytes < 0 or self.outlier_ratio < 0:
+            raise ValueError("clip_norm, max_update_bytes and outlier_ratio must be >= 0")
+        if 0 < self.outlier_ratio <= 1:
+            raise ValueError(f"outlier_ratio must be > 1 (or 0 = off), got {self.outlier_ratio}")
+
+
+@dataclass
+class EWCSettings:
+    """Continual-learning method and its EWC hyper-parameters."""
+
+    method: str = "ewc"  # naive | ewc (separate) | online-ewc | joint (all periods so far: upper bound)
+    lam: float = 1.0  # λ; the Fisher is normalised to mean 1, so λ is comparable across models
+    gamma: float = 0.9  # online-EWC decay of the running Fisher
+    fisher_after: bool = False  # this job ends with a Fisher pass (planned into its ε budget)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"continual method {self.method!r} is not one of {METHODS}")
+        if self.lam < 0 or not 0 <= self.gamma <= 1:
+            raise ValueError("EWC needs lambda >= 0 and 0 <= gamma <= 1")
+
+    @property
+    def uses_fisher(self) -> bool:
+        return self.method in ("ewc", "online-ewc")
+
+
+@dataclass
+class FisherSettings:
+    """The DP Fisher pass an institution runs at the end of a period."""
+
+    sample_rate: float = 0.5  # Poisson rate q_F of the single Fisher pass
+    noise_multiplier: float = 10.0  # σ_F; noise std on the group sums is σ_F · C²
+    clip_norm: float = 1.0  # C: per-record gradient norm bound
+    granularity: str = "tensor"  # tensor | row | coordinate
+
+    def __post_init__(self) -> None:
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"fisher granularity {self.granularity!r} is not one of {GRANULARITIES}")
+        if not 0 < self.sample_rate <= 1 or self.noise_multiplier < 0 or self.clip_norm <= 0:
+            raise ValueError("fisher needs 0 < sample_rate <= 1, noise_multiplier >= 0, clip_norm > 0")
+
+
+@dataclass
 class JobConfig:
     data: DataSettings = field(default_factory=DataSettings)
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -90,7 +229,7 @@ class JobConfig:
     fisher: FisherSettings = field(default_factory=FisherSettings)
     compression: CompressionSettings = field(default_factory=CompressionSettings)
     robust: RobustSettings = field(default_factory=RobustSettings)
-    recipe: RecipeSettings = field(default_factory=RecipeSettings)  # fedseek.clients.recipe
+    recipe: RecipeSettings = field(default_factory=RecipeSettings)
 
     def to_flat(self) -> dict[str, Any]:
         """`section.field` -> value; None values are left out (ConfigRecord has no None)."""
@@ -114,117 +253,37 @@ class JobConfig:
                     setattr(settings, item.name, list(value) if isinstance(value, (list, tuple)) else value)
         return job
 
-
-def data_arguments(job: JobConfig) -> dict:
-    """Keyword arguments of `fedseek.data.tasks.load_federated_data` for this job: the server and
-    every simulated institution derive the same split from them."""
-    d = job.data
-    return dict(task=d.task, institutions=job.federation.institutions, partition_scheme=d.partition,
-                alpha=d.alpha, seed=job.federation.seed, data=d.data, data_dir=d.data_dir,
-                test_data=d.test_data, text_column=d.text_column, label_column=d.label_column,
-                max_train_rows=d.max_train_rows or None, period_column=d.period_column)
-
-
-def job_data(job: JobConfig, period: str | None = None):
-    """The job's `FederatedData`; with periods, only the records of `period` (default: the job's
-    own period(s)), split into train/validation per institution. Server and institutions derive
-    the same split from the same config."""
-    from fedseek.data.periods import plan_periods, split_validation
-    from fedseek.data.tasks import load_federated_data
-
-    data = load_federated_data(**data_arguments(job))
-    d = job.data
-    if not d.periods:
-        return data
-    plan = {p.name: p for p in plan_periods(d.periods, _pooled(data), d.period_groups, d.period_freq)}
-    wanted = [p for p in (period if period is not None else d.period).split(PERIOD_SEPARATOR) if p]
-    unknown = [w for w in wanted if w not in plan]
-    if unknown or not wanted:
-        raise ValueError(f"period {unknown or wanted} is not one of {list(plan)}")
-    chosen = [plan[w] for w in wanted]
-    active = None if any(p.labels is None for p in chosen) else sorted(l for p in chosen for l in p.labels)
-
-    def select(rows):
-        index = np.unique(np.concatenate([p.selects(rows, d.periods, d.period_freq) for p in chosen]))
-        return rows.subset(index.astype(int))
-
-    train, validation = [], []
-    for k, rows in enumerate(data.train):
-        kept, held = split_validation(select(rows), d.validation_fraction, job.federation.seed + k)
-        train.append(kept)
-        validation.append(held)
-    return dataclasses.replace(data, train=train, test=select(data.test), active_labels=active,
-                               validation=validation)
+    def with_overrides(self, items: list[str]) -> "JobConfig":
+        """A copy with `section.field=value` items applied (`deploy run --set`), each value parsed by
+        its field's declared type; ValueError names the item that is not a known field or value."""
+        flat = self.to_flat()
+        types = {f"{s.name}.{f.name}": f.type for s in dataclasses.fields(self)
+                 for f in dataclasses.fields(getattr(self, s.name))}
+        for item in items:
+            key, sep, text = item.partition("=")
+            if not sep or key not in types:
+                raise ValueError(f"--set {item!r}: expected section.field=value with a known field "
+                                 f"(e.g. optim.learning_rate=0.01)")
+            flat[key] = _parse(types[key], text, item)
+        return JobConfig.from_flat(flat)
 
 
-def period_names(job: JobConfig) -> list[str]:
-    """The ordered period names of the job's scheme."""
-    from fedseek.data.periods import plan_periods
-    from fedseek.data.tasks import load_federated_data
-
-    data = load_federated_data(**data_arguments(job))
-    return [p.name for p in plan_periods(job.data.periods, _pooled(data), job.data.period_groups,
-                                         job.data.period_freq)]
-
-
-def _pooled(data):
-    """All training rows of every institution (period keys are read off the whole pool)."""
-    from fedseek.data.loader import LabelledTexts
-
-    first = data.train[0]
-    return LabelledTexts(sum((t.texts for t in data.train), []), np.concatenate([t.labels for t in data.train]),
-                         first.label_names, sum((t.periods or [] for t in data.train), []) or None, first.source)
-
-
-def data_scope(job: JobConfig, dataset: str) -> str:
-    """The privacy-ledger scope key of `job` over the dataset with fingerprint `dataset`
-    (`dataset_fingerprint` at the coordinator, the site's own file fingerprint at a site)."""
-    from fedseek.privacy.ledger_math import DataScope
-
-    # without a period scheme the job reads every record, whatever `period` says
-    return DataScope(dataset, job.data.slicing_scheme, job.data.period_scope if job.data.periods else "all").key()
-
-
-def dataset_fingerprint(job: JobConfig, deployed: bool = False) -> str:
-    """Short sha256 of the records' source as the coordinator knows it: the files of the shipped
-    task, the user's --data file or every --data-dir file (contents, not paths: an edited file is
-    another dataset). `deployed`: the coordinator cannot read the sites' files, so the job's
-    declared data identity (task and columns) stands in for them until the census carries each
-    site's own fingerprint. The single place that decides a job's dataset identity."""
-    d = job.data
-    if deployed:
-        declared = f"deployed:task={d.task};text={d.text_column};label={d.label_column}"
-        return hashlib.sha256(declared.encode()).hexdigest()[:16]
-    if d.data_dir:
-        from fedseek.data.loader import find_data_files
-
-        files = find_data_files(d.data_dir)
-    elif d.data:
-        files = [Path(d.data)]
-    else:
-        from fedseek.data.tasks import SHIPPED, SHIPPED_TASKS
-
-        if d.task not in SHIPPED_TASKS:
-            raise ValueError(f"data.task {d.task!r} is not a shipped task {list(SHIPPED_TASKS)}")
-        files = sorted(p for p in (SHIPPED / d.task).iterdir() if p.is_file())
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.name.encode() + b"\0" + _file_sha256(str(path.resolve()), *_stamp(path)).encode())
-    return digest.hexdigest()[:16]
-
-
-def _stamp(path: Path) -> tuple[int, int]:
+def _parse(declared: str, text: str, item: str):
+    """`text` as the declared type (a string annotation: int, float, bool, str, list[str], X | None)."""
+    kinds = [k.strip() for k in str(declared).split("|")]
+    if "None" in kinds and text.lower() in ("", "none"):
+        return None
+    kind = kinds[0]
     try:
-        stat = path.stat()
-    except OSError as err:
-        raise ValueError(f"data file {path}: cannot read it for the dataset fingerprint ({err.strerror})") from None
-    return stat.st_size, stat.st_mtime_ns
+        if kind == "bool":
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(text)
+            return text.lower() in ("true", "1")
+        if kind in ("int", "float"):
+            return {"int": int, "float": float}[kind](text)
+        if kind.startswith("list"):
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return text
+    except ValueError:
+        raise ValueError(f"--set {item!r}: {text!r} is not a valid {kind}") from None
 
-
-@lru_cache(maxsize=64)
-def _file_sha256(path: str, size: int, mtime_ns: int) -> str:  # size/mtime: re-hash an edited file
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -93,7 +93,6 @@ def test_lower_layers_never_import_the_platform_and_continual_never_imports_clie
     assert not bad, "forbidden import directions:\n" + "\n".join(bad)
 
 
-@pytest.mark.xfail(strict=True, reason="config leaf: lead's change in progress")
 def test_config_is_a_leaf():
     assert not sorted(import_graph()["fedseek.config"]), "fedseek/config.py imports fedseek modules"
 

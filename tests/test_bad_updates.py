@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 
-from fedseek.aggregator.compression import CompressionSettings, compress, delta_between
-from fedseek.aggregator.robust import RobustSettings, delta_norm
+from fedseek.wire.compression import compress, delta_between
+from fedseek.config import CompressionSettings, RobustSettings
+from fedseek.aggregator.robust import delta_norm
 from fedseek.aggregator.strategy import AdapterFedAvg
 
 RNG = np.random.default_rng(0)

@@ -1,6 +1,7 @@
 """Job configuration survives Flower's flat ConfigRecord / run config."""
 from __future__ import annotations
 
+import pytest
 from flwr.app import ConfigRecord
 
 from fedseek.platform.flower_app import job_from_run_config
@@ -42,3 +43,17 @@ def test_pyproject_flower_components_resolve_to_apps():
     assert isinstance(apps["serverapp"], ServerApp) and isinstance(apps["clientapp"], ClientApp)
     defaults = job_from_run_config(project["tool"]["flwr"]["app"]["config"])
     assert defaults.federation.institutions == 3 and defaults.privacy.target_epsilon == 8.0
+
+
+def test_set_overrides_are_parsed_by_the_declared_field_type_and_bad_items_are_named():
+    job = JobConfig().with_overrides(["optim.learning_rate=0.01", "privacy.enabled=false", "privacy.delta=1e-6",
+                                      "lora.extra_trainable=score,norm", "data.text_column=note",
+                                      "federation.rounds=7"])
+    assert job.optim.learning_rate == 0.01 and job.privacy.enabled is False and job.privacy.delta == 1e-6
+    assert job.lora.extra_trainable == ["score", "norm"] and job.data.text_column == "note"
+    assert job.federation.rounds == 7 and isinstance(job.federation.rounds, int)
+    for item, reason in (("optim.learning_rat=0.01", "known field"), ("optim.local_steps=many", "not a valid int"),
+                         ("privacy.enabled=maybe", "not a valid bool"), ("no-equals-sign", "known field")):
+        with pytest.raises(ValueError, match=reason) as err:
+            JobConfig().with_overrides([item])
+        assert repr(item) in str(err.value)

@@ -11,7 +11,8 @@ import dp_accounting
 import pytest
 from sqlalchemy import create_engine, inspect, text
 
-from fedseek.config import JobConfig, data_scope, dataset_fingerprint
+from fedseek.config import JobConfig
+from fedseek.data.plan import data_scope, dataset_fingerprint
 from fedseek.platform import ledger
 from fedseek.platform.db import session_scope, upgrade
 from fedseek.privacy.accountant import epsilon

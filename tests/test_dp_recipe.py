@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from fedseek.aggregator.reply_trust import train_plan
-from fedseek.clients.dp_trainer import LocalTrainer, OptimSettings, PrivacySettings
-from fedseek.clients.recipe import Phase, RecipeSettings, apply_rule, probe_rule, round_phase
-from fedseek.config import JobConfig
+from fedseek.clients.dp_trainer import LocalTrainer
+from fedseek.config import JobConfig, LoraSettings, OptimSettings, PrivacySettings, RecipeSettings
+from fedseek.clients.recipe import Phase, apply_rule, probe_rule, round_phase
 from fedseek.models.classifier import AdapterClassifier
 from fedseek.models.features import ProbeHead, public_stats
-from fedseek.models.lora import LoraSettings, LoraTargetError, trainable_state
+from fedseek.models.lora import LoraTargetError, trainable_state
 from fedseek.platform.ledger import planned_releases
 
 PRIVATE = PrivacySettings(noise_multiplier=0.8, clip_norm=1.0, reproducible_noise=True)

@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedseek.clients.dp_trainer import LocalTrainer, OptimSettings, PrivacySettings, learning_rate
+from fedseek.clients.dp_trainer import LocalTrainer, learning_rate
+from fedseek.config import LoraSettings, OptimSettings, PrivacySettings
 from fedseek.models.classifier import AdapterClassifier
-from fedseek.models.lora import LoraSettings
 from fedseek.privacy.accountant import epsilon
 
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import torch
 
 from fedseek.privacy.randomness import noise_source
-from fedseek.clients.dp_trainer import LocalTrainer, OptimSettings, PrivacySettings
-from fedseek.config import JobConfig, job_data, period_names
-from fedseek.continual.ewc import EWCSettings, EWCState, consolidate, normalise_fisher
-from fedseek.continual.fisher import FisherSettings, restrict_rows
+from fedseek.clients.dp_trainer import LocalTrainer
+from fedseek.config import EWCSettings, FisherSettings, JobConfig, LoraSettings, OptimSettings, PrivacySettings
+from fedseek.data.plan import job_data, period_names
+from fedseek.continual.ewc import EWCState, consolidate, normalise_fisher
+from fedseek.continual.fisher import restrict_rows
 from fedseek.models.classifier import AdapterClassifier
-from fedseek.models.lora import LoraSettings
 
 
 def test_ewc_forgets_less_than_naive_under_dp():

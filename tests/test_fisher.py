@@ -6,12 +6,11 @@ import pytest
 import torch
 
 from fedseek.privacy.randomness import noise_source
-from fedseek.clients.dp_trainer import LocalTrainer, OptimSettings, PrivacySettings
+from fedseek.clients.dp_trainer import LocalTrainer
+from fedseek.config import FisherSettings, LoraSettings, OptimSettings, PrivacySettings
 from fedseek.continual.ewc import EWCState
-from fedseek.continual.fisher import (FisherSettings, clipped_square_sums, expand, group_sums, restrict_rows,
-                                      weighted_fisher)
+from fedseek.continual.fisher import clipped_square_sums, expand, group_sums, restrict_rows, weighted_fisher
 from fedseek.models.classifier import AdapterClassifier
-from fedseek.models.lora import LoraSettings
 from fedseek.privacy.accountant import default_delta, epsilon
 
 

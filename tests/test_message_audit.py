@@ -14,10 +14,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadat
 from flwr.common.serde import message_to_proto
 
 from fedseek.clients import client_app
-from fedseek.config import JobConfig
+from fedseek.config import JobConfig, LoraSettings
 from fedseek.data.loader import read_labelled_file
 from fedseek.models.classifier import AdapterClassifier
-from fedseek.models.lora import LoraSettings, trainable_state
+from fedseek.models.lora import trainable_state
 from fedseek.resources import resource_path
 
 LABELS = ["card_arrival", "card_linking", "exchange_rate", "lost_or_stolen_card", "pin_blocked"]

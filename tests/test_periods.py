@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedseek.config import JobConfig, job_data, period_names
+from fedseek.config import JobConfig
+from fedseek.data.plan import job_data, period_names
 from fedseek.data.loader import DataError, LabelledTexts
 from fedseek.data.periods import plan_periods
 

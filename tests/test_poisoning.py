@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from fedseek.aggregator.robust import RobustAggregate, RobustSettings, delta_norm, norm_outliers
-from fedseek.clients.dp_trainer import LocalTrainer, OptimSettings, PrivacySettings
+from fedseek.aggregator.robust import RobustAggregate, delta_norm, norm_outliers
+from fedseek.config import LoraSettings, OptimSettings, PrivacySettings, RobustSettings
+from fedseek.clients.dp_trainer import LocalTrainer
 from fedseek.data.tasks import load_federated_data
 from fedseek.models.classifier import AdapterClassifier
-from fedseek.models.lora import LoraSettings, load_trainable_state, trainable_state
+from fedseek.models.lora import load_trainable_state, trainable_state
 
 INTENTS, SITES, ROUNDS, POISONED = 10, 5, 3, 4
 

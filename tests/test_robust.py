@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedseek.aggregator.robust import (RobustAggregate, RobustSettings, clip_delta, coordinate_median,
-                                       delta_norm, norm_outliers, trim_count, trimmed_mean,
-                                       validate_update)
+from fedseek.aggregator.robust import (RobustAggregate, clip_delta, coordinate_median, delta_norm, norm_outliers,
+                                      trim_count, trimmed_mean, update_byte_limit, validate_update)
+from fedseek.config import RobustSettings
 
 GLOBAL = {"a": np.zeros((2, 3), np.float32), "b": np.ones(4, np.float32)}
 
@@ -39,8 +39,8 @@ def test_validate_rejects_oversize_by_wire_bytes():
     assert "oversize: 40 bytes > limit 39" in validate_update(good(), GLOBAL, 39)
     assert validate_update(good(), GLOBAL, 10_000, wire_bytes=10_001).startswith("oversize")
     settings = RobustSettings()
-    assert settings.byte_limit(GLOBAL) == 2 * 40 + 65536
-    assert RobustSettings(max_update_bytes=100).byte_limit(GLOBAL) == 100
+    assert update_byte_limit(settings, GLOBAL) == 2 * 40 + 65536
+    assert update_byte_limit(RobustSettings(max_update_bytes=100), GLOBAL) == 100
 
 
 def test_clip_delta_bounds_the_norm_and_keeps_direction():

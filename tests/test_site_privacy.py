@@ -21,10 +21,10 @@ from fedseek.clients import client_app
 from fedseek.clients.handlers import _site_seed
 from fedseek.clients.refusals import SiteRefusal
 from fedseek.clients.site_store import SiteStore, store_path
-from fedseek.config import JobConfig
+from fedseek.config import JobConfig, LoraSettings
 from fedseek.data.loader import read_labelled_file
 from fedseek.models.classifier import AdapterClassifier
-from fedseek.models.lora import LoraSettings, trainable_state
+from fedseek.models.lora import trainable_state
 from fedseek.resources import resource_path
 
 LABELS = ["card_arrival", "card_linking", "exchange_rate", "lost_or_stolen_card", "pin_blocked"]

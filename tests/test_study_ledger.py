@@ -93,7 +93,8 @@ class Grid:
 
 def test_noised_validation_counts_are_charged_to_the_bound_institution(tmp_path, monkeypatch):
     from fedseek.aggregator.continual_app import ContinualRunner
-    from fedseek.config import JobConfig, data_scope, dataset_fingerprint
+    from fedseek.config import JobConfig
+    from fedseek.data.plan import data_scope, dataset_fingerprint
     from fedseek.platform.reporter import PlatformReporter
     from fedseek.platform.settings import load_settings
     from fedseek.privacy.ledger_math import DataScope

@@ -27,10 +27,12 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp import Grid
 
 from fedseek.aggregator.reply_trust import ReplyTrust, fisher_reply
+from fedseek.aggregator.robust import update_byte_limit
 from fedseek.aggregator.rounds import Reporter, SilentReporter, run_rounds
 from fedseek.aggregator.server_app import _round_row, _tensors, build_report, census, reply_trust
 from fedseek.aggregator.strategy import AdapterFedAvg, reply_origin
-from fedseek.config import PERIOD_SEPARATOR, JobConfig, job_data, period_names
+from fedseek.config import PERIOD_SEPARATOR, JobConfig
+from fedseek.data.plan import job_data, period_names
 from fedseek.continual.ewc import EWCState, consolidate, normalise_fisher
 from fedseek.continual.fisher import restrict_rows, weighted_fisher
 from fedseek.continual.report import cl_summary, heatmap_png
@@ -152,7 +154,7 @@ class ContinualRunner:
         messages = [Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=node,
                             message_type="train.fisher") for node in self.grid.get_node_ids() if node in self.nodes]
         origin, reference = reply_origin(messages), {k: v.numpy() for k, v in arrays.items()}
-        limit = job.robust.byte_limit(reference)
+        limit = update_byte_limit(job.robust, reference)
         fishers, weights, log = [], [], []
         for reply in self.grid.send_and_receive(messages):
             entry, fisher = fisher_reply(reply, origin(reply), self.nodes, trust, reference, limit)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from fedseek.aggregator.robust import validate_fisher
 from fedseek.privacy.accountant import default_delta
-from fedseek.privacy.release_plan import job_round_release
+from fedseek.privacy.planning import job_round_release
 
 MAX_STEPS = 10**7  # a larger step count is not a plausible claim
 TRAIN_KEYS = ("noise_multiplier", "sample_rate", "steps")
@@ -39,7 +39,7 @@ class Plan:
 
 
 def train_plan(job, records: int) -> Plan:
-    """What a correct client uses for training (`release_plan.job_round_release`, as
+    """What a correct client uses for training (`planning.job_round_release`, as
     `LocalTrainer.plan_noise`, including the budget it reserves for a planned DP Fisher pass)."""
     sigma, q, delta = job_round_release(job, records)  # the function the client and the ledger use
     return Plan(float(sigma), q, job.optim.local_steps, delta)

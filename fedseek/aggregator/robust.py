@@ -23,39 +23,19 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedseek.aggregator.aggregation import StreamingAverage
+from fedseek.config import RobustSettings
 
 Tensors = Mapping[str, np.ndarray]
-RULES = ("fedavg", "trimmed-mean", "median")
-
-
-@dataclass
-class RobustSettings:
-    """How the coordinator bounds and combines institutions' updates."""
-
-    rule: str = "fedavg"  # fedavg | trimmed-mean | median
-    trim_fraction: float = 0.2  # trimmed-mean: fraction cut from each end of every coordinate
-    clip_norm: float = 0.0  # server-side L2 bound on each update's delta (0 = off)
-    max_update_bytes: int = 0  # reject larger replies; 0 = 2x the global adapter's size + 64 KiB
-    outlier_ratio: float = 0.0  # reject deltas with norm > ratio x the round's median (0 = off)
-
-    def __post_init__(self):
-        if self.rule not in RULES:
-            raise ValueError(f"unknown aggregation rule {self.rule!r}; choose one of {RULES}")
-        if not 0.0 <= self.trim_fraction < 0.5:
-            raise ValueError(f"trim_fraction must be in [0, 0.5), got {self.trim_fraction}")
-        if self.clip_norm < 0 or self.max_update_bytes < 0 or self.outlier_ratio < 0:
-            raise ValueError("clip_norm, max_update_bytes and outlier_ratio must be >= 0")
-        if 0 < self.outlier_ratio <= 1:
-            raise ValueError(f"outlier_ratio must be > 1 (or 0 = off), got {self.outlier_ratio}")
-
-    def byte_limit(self, reference: Tensors) -> int:
-        if self.max_update_bytes:
-            return self.max_update_bytes
-        return 2 * update_bytes(reference) + 64 * 1024
-
 
 def update_bytes(update: Tensors) -> int:
     return int(sum(np.asarray(v).nbytes for v in update.values()))
+
+
+def update_byte_limit(settings: RobustSettings, reference: Tensors) -> int:
+    """Largest reply accepted: `max_update_bytes`, else 2x the global adapter's size + 64 KiB."""
+    if settings.max_update_bytes:
+        return settings.max_update_bytes
+    return 2 * update_bytes(reference) + 64 * 1024
 
 
 def validate_update(update: Tensors, reference: Tensors, max_bytes: int | None = None,

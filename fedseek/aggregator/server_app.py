@@ -22,7 +22,8 @@ from flwr.serverapp import Grid, ServerApp
 from fedseek.aggregator.reply_trust import Plans, ReplyTrust
 from fedseek.aggregator.rounds import Reporter, SilentReporter, run_rounds
 from fedseek.aggregator.strategy import AdapterFedAvg, reply_origin
-from fedseek.config import JobConfig, data_arguments
+from fedseek.config import JobConfig
+from fedseek.data.plan import data_arguments
 from fedseek.data.tasks import FederatedData, load_federated_data
 from fedseek.models.classifier import AdapterClassifier
 from fedseek.models.loading import base_model_bytes, base_model_hash, resolve_base

@@ -23,14 +23,16 @@ from collections.abc import Iterable
 import logging
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedseek.aggregator.compression import CompressionSettings, apply_delta, decode
+from fedseek.wire.arrays import to_record
+from fedseek.wire.compression import apply_delta, decode
+from fedseek.config import CompressionSettings, RobustSettings
 from fedseek.aggregator.reply_trust import ReplyTrust, charge
-from fedseek.aggregator.robust import (RobustAggregate, RobustSettings, clip_delta, delta_norm,
-                                       norm_outliers, validate_update)
+from fedseek.aggregator.robust import (RobustAggregate, clip_delta, delta_norm, norm_outliers, update_byte_limit,
+                                      validate_update)
 
 logger = logging.getLogger("fedseek")
 
@@ -105,7 +107,7 @@ class AdapterFedAvg(FedAvg):
         except Exception as err:  # noqa: BLE001 - anything the wire format cannot turn into arrays
             return None, f"unreadable tensors: {err}"
         wire = int(sum(a.nbytes for a in raw.values()))
-        limit = self.robust.byte_limit(self.sent) if self.sent else self.robust.max_update_bytes
+        limit = update_byte_limit(self.robust, self.sent) if self.sent else self.robust.max_update_bytes
         if limit and wire > limit:
             return None, f"oversize: {wire} bytes > limit {limit}"
         if self.compression.enabled:
@@ -197,7 +199,7 @@ class AdapterFedAvg(FedAvg):
             "bytes-up": float(sum(e["bytes_up"] for e in entries)),
             "num-examples": total,
         })
-        return ArrayRecord({k: Array(v) for k, v in merged.items()}), summary
+        return to_record(merged), summary
 
 
     def _name(self, node_id) -> str:

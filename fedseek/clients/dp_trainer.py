@@ -19,43 +19,15 @@ from opacus.optimizers import DPOptimizer
 from torch import nn
 
 from fedseek.continual.ewc import EWCState, add_penalty_gradient
-from fedseek.continual.fisher import FisherSettings, add_noise, clipped_square_sums, expand, group_sums
+from fedseek.continual.fisher import add_noise, clipped_square_sums, expand, group_sums
+from fedseek.config import FisherSettings, OptimSettings, PrivacySettings
 from fedseek.clients.recipe import Phase
 from fedseek.models.classifier import AdapterClassifier, EncodedTexts
 from fedseek.models.lora import LoraTargetError
 from fedseek.privacy.accountant import History, default_delta, epsilon
-from fedseek.privacy.release_plan import round_release
+from fedseek.privacy.planning import round_release
 from fedseek.privacy.randomness import NoiseSource, noise_source
 
-
-@dataclass
-class PrivacySettings:
-    """Record-level DP of one institution for the whole job."""
-
-    enabled: bool = True
-    target_epsilon: float = 8.0  # budget for the whole job (all rounds)
-    delta: float | None = None  # None: min(1e-5, 0.01/N) for the institution's N records (N*delta <= 0.01)
-    noise_multiplier: float | None = None  # given sigma overrides the target-epsilon derivation
-    clip_norm: float = 1.0  # per-sample gradient clipping bound C
-    # seeded DP noise and sampling, for tests and benchmarks only: the job is then NOT private
-    # (the coordinator can regenerate the noise); tracked and deployed jobs refuse it
-    reproducible_noise: bool = False
-
-    @property
-    def private_noise(self) -> bool:
-        return self.enabled and not self.reproducible_noise
-
-
-@dataclass
-class OptimSettings:
-    """Local optimisation; the learning-rate schedule spans the whole job (all rounds)."""
-
-    local_steps: int = 12  # logical (noised) steps per round
-    batch_fraction: float = 0.125  # expected batch = q * N (large batches: lower noise per signal)
-    learning_rate: float = 2e-2  # high for DP: noisy Adam steps need it (BENCHMARKS.md sweep)
-    warmup_fraction: float = 0.05
-    schedule: str = "cosine"  # cosine | constant (both after linear warmup)
-    chunk_size: int = 256  # physical batch: bounds memory, not the math
 
 
 def learning_rate(settings: OptimSettings, step: int, total_steps: int) -> float:

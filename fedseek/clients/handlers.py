@@ -23,22 +23,23 @@ import zlib
 from functools import lru_cache
 
 import numpy as np
-import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
 
-from fedseek.aggregator.compression import CompressionSettings, compress, delta_between
+from fedseek.wire.arrays import to_record, to_tensors
+from fedseek.wire.compression import compress, delta_between
+from fedseek.config import PERIOD_SEPARATOR, CompressionSettings, JobConfig
 from fedseek.clients.dp_trainer import LocalTrainer
 from fedseek.clients.recipe import round_phase
 from fedseek.clients.site_guard import SiteGuard
 from fedseek.clients.site_policy import PolicyRefusal
-from fedseek.config import PERIOD_SEPARATOR, JobConfig, job_data
+from fedseek.data.plan import job_data
 from fedseek.continual.ewc import EWCState
 from fedseek.data.loader import LabelledTexts, read_labelled_file
 from fedseek.data.periods import Period, split_validation
 from fedseek.models.classifier import AdapterClassifier, EncodedTexts
 from fedseek.models.lora import load_trainable_state, trainable_state
 from fedseek.privacy.accountant import default_delta, epsilon
-from fedseek.privacy.release_plan import reserved_releases
+from fedseek.privacy.planning import reserved_releases
 
 logger = logging.getLogger("fedseek.clients")
 PRIVACY_STATE = "privacy-history"
@@ -48,7 +49,7 @@ COMPRESSION_STATE = "compression-residual"
 @lru_cache(maxsize=2)
 def _trainer(base: str | None, num_labels: int, lora_key: tuple, max_length: int, pooling: str = "last",
              components: int = 0) -> LocalTrainer:
-    from fedseek.models.lora import LoraSettings
+    from fedseek.config import LoraSettings
 
     lora = LoraSettings(*lora_key)
     return LocalTrainer(AdapterClassifier(base, num_labels, lora, max_length, pooling=pooling, components=components))
@@ -140,13 +141,9 @@ def _setup(content: RecordDict, context: Context) -> Request:
     trainer = trainer_for(job, len(label_names))
     name, data, validation = site_data(job, dict(context.node_config), label_names, trainer, active)
     if "arrays" in content:  # the global adapter to train/evaluate from (a census has none)
-        received = {k: torch.from_numpy(np.asarray(v.numpy())) for k, v in content["arrays"].items()}
+        received = to_tensors(content["arrays"])
         load_trainable_state(trainer.classifier.model, received)
     return Request(config, job, trainer, name, data, validation, guard)
-
-
-def _tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(np.array(v.numpy())) for k, v in record.items()}
 
 
 def _site_seed(job: JobConfig, name: str) -> int:
@@ -163,7 +160,7 @@ def upload(trained: dict[str, np.ndarray], received: dict[str, np.ndarray], cont
                 if COMPRESSION_STATE in context.state else None)
     payload, residual = compress(delta_between(trained, received), settings, residual)
     if residual:
-        context.state[COMPRESSION_STATE] = ArrayRecord({k: Array(v) for k, v in residual.items()})
+        context.state[COMPRESSION_STATE] = to_record(residual)
     return payload
 
 
@@ -189,7 +186,7 @@ def train_round(content: RecordDict, context: Context) -> RecordDict:
     if not 1 <= server_round <= rounds or job.optim.local_steps < 1:
         raise PolicyRefusal("federation.rounds", f"round {server_round} of {rounds} "
                             f"({job.optim.local_steps} local steps) is outside the job")
-    ewc = EWCState.from_flat(_tensors(content["ewc"])) if "ewc" in content else None
+    ewc = EWCState.from_flat(to_tensors(content["ewc"])) if "ewc" in content else None
     planned = reserved_releases(job)
     history = _history(context, job)
     if not history and server_round > 1 and job.privacy.enabled:
@@ -210,7 +207,7 @@ def train_round(content: RecordDict, context: Context) -> RecordDict:
     trained = {k: v.numpy() for k, v in trainable_state(trainer.classifier.model).items()}
     received = {k: np.asarray(v.numpy()) for k, v in content["arrays"].items()}
     sent = upload(trained, received, context, job.compression)
-    arrays = ArrayRecord({k: Array(v) for k, v in sent.items()})
+    arrays = to_record(sent)
     # training losses are computed on private records without clipping or noise: under DP they are
     # not released (NaN); the server's accuracy/loss on its own test set are the progress signal
     released = not job.privacy.enabled
@@ -250,7 +247,7 @@ def fisher_pass(content: RecordDict, context: Context) -> RecordDict:
         metrics.update({"fisher-noise-multiplier": entry[0], "fisher-sample-rate": entry[1],
                         "fisher-steps": entry[2], "delta": delta, "epsilon": epsilon(history, delta),
                         "epsilon-rdp": epsilon(history, delta, "rdp")})
-    arrays = ArrayRecord({k: Array(v.numpy()) for k, v in diagonal.items()})
+    arrays = to_record(diagonal)
     return RecordDict({"arrays": arrays, "metrics": metrics, "site": ConfigRecord({"institution": name})})
 
 

@@ -42,33 +42,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fedseek.config import RecipeSettings
 
-RECIPES = ("probe", "lora")
 TARGET_BATCH = 512
 EPOCHS = 48.0
 MAX_LENGTH = 256  # tokens per record read by the probe recipe
 Q_MIN, Q_MAX = 0.2, 0.5
-PROBE_LR = 1e-2
+PROBE_LR = RecipeSettings.probe_lr  # written once: config.RecipeSettings
 CLIP = 1.0
 COMPONENTS = 256  # public principal directions the head reads (all shipped)
 
-
-@dataclass
-class RecipeSettings:
-    """Which DP recipe a job trains with; `probe_rounds` < 0 means "all rounds" (the rule's value)."""
-
-    name: str = "lora"  # probe | lora (library default: the old recipe; `fedseek simulate`: probe)
-    probe_rounds: int = -1  # head-only rounds at the start (probe recipe); -1 = every round
-    probe_lr: float = PROBE_LR  # Adam learning rate of the head-only phase
-    components: int = 0  # public principal directions the head reads (0: all shipped, 256)
-
-    @property
-    def pooling(self) -> str:
-        return "layers" if self.name == "probe" else "last"
-
-    def check(self) -> None:
-        if self.name not in RECIPES:
-            raise ValueError(f"recipe.name {self.name!r} is not one of {list(RECIPES)}")
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ class SiteGuard:
 
     @classmethod
     def for_node(cls, job, node_config: dict) -> "SiteGuard":
-        from fedseek.config import data_scope, dataset_fingerprint
+        from fedseek.data.plan import data_scope, dataset_fingerprint
 
         policy = SitePolicy.from_node_config(node_config)
         path = node_config.get("data-path")

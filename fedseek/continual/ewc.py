@@ -16,30 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from fedseek.config import EWCSettings
 
 Tensors = dict[str, torch.Tensor]
-METHODS = ("naive", "ewc", "online-ewc", "joint")
-
-
-@dataclass
-class EWCSettings:
-    """Continual-learning method and its EWC hyper-parameters."""
-
-    method: str = "ewc"  # naive | ewc (separate) | online-ewc | joint (all periods so far: upper bound)
-    lam: float = 1.0  # λ; the Fisher is normalised to mean 1, so λ is comparable across models
-    gamma: float = 0.9  # online-EWC decay of the running Fisher
-    fisher_after: bool = False  # this job ends with a Fisher pass (planned into its ε budget)
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"continual method {self.method!r} is not one of {METHODS}")
-        if self.lam < 0 or not 0 <= self.gamma <= 1:
-            raise ValueError("EWC needs lambda >= 0 and 0 <= gamma <= 1")
-
-    @property
-    def uses_fisher(self) -> bool:
-        return self.method in ("ewc", "online-ewc")
-
 
 @dataclass
 class EWCState:

@@ -17,24 +17,6 @@ from dataclasses import dataclass
 import torch
 
 Tensors = dict[str, torch.Tensor]
-GRANULARITIES = ("tensor", "row", "coordinate")
-
-
-@dataclass
-class FisherSettings:
-    """The DP Fisher pass an institution runs at the end of a period."""
-
-    sample_rate: float = 0.5  # Poisson rate q_F of the single Fisher pass
-    noise_multiplier: float = 10.0  # σ_F; noise std on the group sums is σ_F · C²
-    clip_norm: float = 1.0  # C: per-record gradient norm bound
-    granularity: str = "tensor"  # tensor | row | coordinate
-
-    def __post_init__(self) -> None:
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(f"fisher granularity {self.granularity!r} is not one of {GRANULARITIES}")
-        if not 0 < self.sample_rate <= 1 or self.noise_multiplier < 0 or self.clip_norm <= 0:
-            raise ValueError("fisher needs 0 < sample_rate <= 1, noise_multiplier >= 0, clip_norm > 0")
-
 
 def clipped_square_sums(grad_samples: Tensors, clip_norm: float) -> Tensors:
     """Σ_records (clip(g_r))² per coordinate; `grad_samples[name]` has shape (records, *param)."""

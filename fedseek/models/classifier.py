@@ -16,7 +16,8 @@ from torch import nn
 
 from fedseek.models.features import ProbeHead, decoder_of, pool, public_stats
 from fedseek.models.loading import load_classifier, load_tokenizer
-from fedseek.models.lora import LoraSettings, apply_lora, first_adapted_layer
+from fedseek.models.lora import apply_lora, first_adapted_layer
+from fedseek.config import LoraSettings
 
 
 @dataclass

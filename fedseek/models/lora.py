@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from fedseek.config import LoraSettings
 
 MLA_ATTENTION = ["q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
 GQA_ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -26,18 +27,6 @@ PRESETS: dict[str, dict[str, list[str]]] = {
 class LoraTargetError(ValueError):
     """A LoRA target does not name any linear layer of the loaded model."""
 
-
-@dataclass
-class LoraSettings:
-    """LoRA adapter settings shared by every institution of a job."""
-
-    rank: int = 16
-    alpha: float = 32.0
-    targets: str = "attention"  # preset name, or comma-separated module names
-    top_layers: int = 1  # adapt only the last N decoder layers (0 = all); lower layers stay frozen
-    ffa: bool = False  # FFA-LoRA: A frozen at its seeded init, only B (+ head) trained and sent
-    seed: int = 0  # shared seed: identical A matrices at every institution
-    extra_trainable: list[str] = field(default_factory=lambda: ["score"])  # task head
 
 
 def linear_module_names(model: nn.Module) -> set[str]:

@@ -123,16 +123,11 @@ def simulate(
     from fedseek.quiet import quiet_environment
 
     quiet_environment()
-    from fedseek.aggregator.compression import CompressionSettings
-    from fedseek.aggregator.robust import RobustSettings
-    from fedseek.config import DataSettings, FederationSettings, JobConfig
-    from fedseek.clients.dp_trainer import OptimSettings, PrivacySettings
-    from fedseek.continual.ewc import EWCSettings
-    from fedseek.continual.fisher import FisherSettings
-    from fedseek.data.periods import DEFAULT_SCHEME
+    from fedseek.config import (CompressionSettings, DataSettings, EWCSettings, FederationSettings, FisherSettings,
+                                JobConfig, LoraSettings, OptimSettings, PrivacySettings, RecipeSettings,
+                                RobustSettings)
     from fedseek.data.loader import DataError
-    from fedseek.clients.recipe import RecipeSettings
-    from fedseek.models.lora import LoraSettings
+    from fedseek.data.periods import DEFAULT_SCHEME
     from fedseek.platform.console import RichReporter
     from fedseek.platform.jobs import run_job
     from fedseek.platform.simulation import SimulationError
@@ -199,7 +194,7 @@ def _preflight(job, given: set[str] = frozenset()):
     """Fail fast, before Ray starts: data readable and valid, model loadable, LoRA targets match
     (and trainable under DP); the recipe's rule fills the DP hyper-parameters the user left out."""
     from fedseek.clients.recipe import apply_rule
-    from fedseek.config import data_arguments
+    from fedseek.data.plan import data_arguments
     from fedseek.data.tasks import load_federated_data
     from fedseek.models.loading import load_classifier, load_tokenizer
     from fedseek.models.lora import resolve_targets
@@ -209,7 +204,7 @@ def _preflight(job, given: set[str] = frozenset()):
     if job.data.data_dir:
         job.federation.institutions = len(data.institutions)
     if job.data.periods:
-        from fedseek.config import period_names
+        from fedseek.data.plan import period_names
 
         period_names(job)  # the scheme applies to this data (>= 2 periods)
         job.data.period = ""

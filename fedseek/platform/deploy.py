@@ -252,16 +252,3 @@ def write_flwr_config(flwr_home: Path, name: str, address: str, ca: Path) -> Pat
         lines.append("")
     path.write_text("\n".join(lines))
     return path
-
-
-def app_directory() -> Path:
-    """The Flower app (directory with `[tool.flwr.app]` in pyproject.toml) this installation runs:
-    the source tree of an editable install or of the deployment image, else the working directory."""
-    from fedseek.resources import PACKAGE_DIR
-
-    for candidate in (PACKAGE_DIR.parent, Path.cwd()):
-        pyproject = candidate / "pyproject.toml"
-        if pyproject.is_file() and "[tool.flwr.app]" in pyproject.read_text():
-            return candidate
-    raise FileNotFoundError("no FedSeek project directory (pyproject.toml with [tool.flwr.app]) found; "
-                            "pass --app-dir")

@@ -137,6 +137,7 @@ def register(superlink: str = typer.Option(CONTROL, help="The SuperLink's contro
     _refuse_placeholder_password()
     from fedseek.platform.db import session_scope
     from fedseek.platform.deploy import write_flwr_config
+    from fedseek.platform.flwr_cli import flwr_binary, json_field
     from fedseek.platform.nodes import NodeIdentityError, bind_node, public_key_sha256
     from fedseek.platform.settings import load_settings
 
@@ -147,10 +148,10 @@ def register(superlink: str = typer.Option(CONTROL, help="The SuperLink's contro
         _fail(str(err))
     with tempfile.TemporaryDirectory() as home:
         write_flwr_config(Path(home), FEDERATION, superlink, _existing(ca, "CA"))
-        proc = subprocess.run([_flwr(), "supernode", "register", str(public_key), FEDERATION, "--name", institution,
+        proc = subprocess.run([flwr_binary(), "supernode", "register", str(public_key), FEDERATION, "--name", institution,
                                "--format", "json"], env={**os.environ, "FLWR_HOME": home},
                               capture_output=True, text=True, timeout=120)
-    node_id = _json_field(proc.stdout, "node-id")
+    node_id = json_field(proc.stdout, "node-id")
     if proc.returncode or node_id is None:
         _fail(f"SuperLink {superlink} refused the registration: {(proc.stdout + proc.stderr).strip()[-800:]}")
     try:
@@ -161,23 +162,6 @@ def register(superlink: str = typer.Option(CONTROL, help="The SuperLink's contro
     except NodeIdentityError as err:
         _fail(str(err))
     console.print(f"{institution}: registered as node {node_id}")
-
-
-def _flwr() -> str:
-    local = Path(sys.executable).parent / "flwr"
-    return str(local) if local.exists() else "flwr"
-
-
-def _json_field(text: str, key: str):
-    for line in reversed(text.strip().splitlines()):
-        try:
-            return json.loads(line).get(key)
-        except (json.JSONDecodeError, AttributeError):
-            continue
-    try:
-        return json.loads(text).get(key)
-    except (json.JSONDecodeError, AttributeError):
-        return None
 
 
 @deploy_app.command()
@@ -253,7 +237,8 @@ def run(superlink: str = typer.Option(CONTROL, help="The SuperLink's control lis
         track: bool = typer.Option(True, "--track/--no-track", help="Record in the platform DB, ledger and MLflow.")) -> None:
     """Launch a federated DP-LoRA job on the deployed federation (`flwr run` of this project)."""
     from fedseek.config import JobConfig
-    from fedseek.platform.deploy import app_directory, write_flwr_config
+    from fedseek.platform.deploy import write_flwr_config
+    from fedseek.platform.flwr_cli import app_directory, flwr_binary, run_status, stream_output
 
     _refuse_placeholder_password()
     job = JobConfig()
@@ -264,12 +249,7 @@ def run(superlink: str = typer.Option(CONTROL, help="The SuperLink's control lis
     job.privacy.enabled, job.privacy.target_epsilon = not no_dp, epsilon
     job.federation.min_institutions, job.federation.round_timeout = min_institutions, round_timeout
     job.federation.rejoin_wait = rejoin_wait
-    flat = job.to_flat()
-    for item in set_:
-        key, sep, value = item.partition("=")
-        if not sep or key not in flat and key not in _settable(job):
-            _fail(f"--set {item!r}: expected section.field=value with a known field (e.g. optim.learning_rate=0.01)")
-        flat[key] = _parse_value(value)
+    flat = _checked(job.with_overrides, set_).to_flat()
     if resume and not track:
         _fail("--resume continues a platform job: it cannot be combined with --no-track")
     directory = app_dir or app_directory()
@@ -279,55 +259,13 @@ def run(superlink: str = typer.Option(CONTROL, help="The SuperLink's control lis
         run_config.write_text(f"job = {json.dumps(json.dumps(flat))}\nplatform-track = {str(track).lower()}\n"
                               f"census-timeout = {census_timeout}\nresume-job = {resume}\n")
         env = {**os.environ, "FLWR_HOME": home}
-        returncode, run_id = _stream([_flwr(), "run", str(directory), FEDERATION, "--run-config", str(run_config),
-                                      "--stream"], env)
-        status = _run_status(run_id, env) if run_id else None
+        returncode, run_id = stream_output([flwr_binary(), "run", str(directory), FEDERATION, "--run-config",
+                                            str(run_config), "--stream"], env)
+        status = run_status(run_id, env, FEDERATION) if run_id else None
     if returncode or status != "finished:completed":  # `flwr run` exits 0 even when the ServerApp failed
         _fail(f"the federated job failed (flwr run exit {returncode}, run {run_id} status {status}); "
               "see the ServerApp log above", returncode or 1)
     console.print(f"job finished; report and adapter in {job.federation.out} on the ServerApp host")
-
-
-def _stream(command: list[str], env: dict) -> tuple[int, str | None]:
-    """Run `flwr run --stream`, echoing its output; (exit code, Flower run id)."""
-    import re
-
-    run_id = None
-    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            found = re.search(r"Successfully started run (\d+)", line)
-            run_id = run_id or (found.group(1) if found else None)
-    return proc.returncode, run_id
-
-
-def _run_status(run_id: str, env: dict) -> str | None:
-    """The run's final status as the SuperLink records it, e.g. `finished:completed`."""
-    proc = subprocess.run([_flwr(), "list", FEDERATION, "--run-id", run_id, "--format", "json"], env=env,
-                          capture_output=True, text=True, timeout=120)
-    try:
-        runs = json.loads(proc.stdout[proc.stdout.index("{"):]).get("runs", [])
-    except ValueError:
-        return None
-    return str(runs[0].get("status")) if runs else None
-
-
-def _settable(job) -> set[str]:
-    import dataclasses
-
-    return {f"{s.name}.{f.name}" for s in dataclasses.fields(job) for f in dataclasses.fields(getattr(job, s.name))}
-
-
-def _parse_value(text: str):
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
 
 
 def register_commands(app: typer.Typer) -> None:

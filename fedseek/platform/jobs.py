@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import copy
 
-from fedseek.config import JobConfig, data_arguments
+from fedseek.config import JobConfig
+from fedseek.data.plan import data_arguments
 
 
 class PlatformUnavailable(ValueError):
@@ -29,7 +30,8 @@ def run_job(job: JobConfig, inner=None, verbose: bool = False, track: bool = Tru
     reporter = PlatformReporter(inner, settings)
     try:
         if job.data.periods:  # continual: each period is a platform job; check the first one now
-            from fedseek.config import PERIOD_SEPARATOR, job_data, period_names
+            from fedseek.config import PERIOD_SEPARATOR
+            from fedseek.data.plan import job_data, period_names
 
             first = copy.deepcopy(job)
             names = period_names(job)

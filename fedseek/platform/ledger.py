@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from fedseek.platform.db import Institution, LedgerEntry, Round
 from fedseek.privacy.ledger_math import Release, counts_release, institution_epsilon
-from fedseek.privacy.release_plan import job_round_release
+from fedseek.privacy.planning import job_round_release
 
 KINDS = ("hospital", "bank", "site")
 
@@ -75,7 +75,7 @@ def spent(session: Session, row: Institution, method: str = "prv") -> float:
 
 def planned_releases(job, num_records: int, scope: str) -> tuple[list[Release], float]:
     """The releases a DP job will make for one institution with `num_records`, and its delta:
-    sigma comes from the function the client uses (`release_plan.round_release`, behind
+    sigma comes from the function the client uses (`planning.round_release`, behind
     `LocalTrainer.plan_noise`), with the same reservation for a planned DP Fisher pass; both
     phases of the probe recipe release the same (sigma, q, local_steps) per round."""
     sigma, q, delta = job_round_release(job, num_records)

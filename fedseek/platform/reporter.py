@@ -25,7 +25,7 @@ from fedseek.privacy.randomness import noise_label
 def data_scope(job, runner: str = "simulate") -> str:
     """The ledger scope key of `job`: its dataset's fingerprint, period scheme and slice
     (`fedseek.config.data_scope`); deployed jobs use the declared data identity."""
-    from fedseek.config import data_scope as scope_key, dataset_fingerprint
+    from fedseek.data.plan import data_scope as scope_key, dataset_fingerprint
 
     return scope_key(job, dataset_fingerprint(job, deployed=runner == "deploy"))
 

@@ -1,4 +1,4 @@
-"""The one derivation of a job's training releases (pure: no Flower/MLflow/SQL).
+"""The one sigma planner: the derivation of a job's training releases (pure: no Flower/MLflow/SQL).
 
 The client (`LocalTrainer.plan_noise`), the coordinator's ledger pre-flight
 (`fedseek.platform.ledger.planned_releases`) call this, so the sigma a site trains with and the

@@ -21,31 +21,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
+from fedseek.config import CompressionSettings
 
 Tensors = Mapping[str, np.ndarray]
-CODECS = ("none", "fp16", "int8", "int4")
 LEVELS = {"int8": 127, "int4": 7}
 SCALE, MASK = "#scale", "#mask"
 
-
-@dataclass
-class CompressionSettings:
-    """How institutions encode their adapter updates for upload."""
-
-    codec: str = "none"  # none | fp16 | int8 | int4
-    topk: float = 0.0  # keep this fraction of each tensor's delta entries (0 = all)
-    error_feedback: bool = True  # carry the encoding error into the next round's delta
-
-    @property
-    def enabled(self) -> bool:
-        """True when updates travel as encoded deltas (anything but plain float32 tensors)."""
-        return self.codec != "none" or self.topk > 0
-
-    def __post_init__(self):
-        if self.codec not in CODECS:
-            raise ValueError(f"unknown compression codec {self.codec!r}; choose one of {CODECS}")
-        if not 0.0 <= self.topk < 1.0:
-            raise ValueError(f"topk must be a fraction in [0, 1), got {self.topk}")
 
 
 def _quantize(values: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,128 @@
+"""What records a job reads: the load arguments every process derives the same split from, a
+job's period slice with its validation hold-out, and the dataset identity the privacy ledger
+charges (sha256 of the source files)."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from fedseek.config import PERIOD_SEPARATOR, JobConfig
+
+
+def data_arguments(job: JobConfig) -> dict:
+    """Keyword arguments of `fedseek.data.tasks.load_federated_data` for this job: the server and
+    every simulated institution derive the same split from them."""
+    d = job.data
+    return dict(task=d.task, institutions=job.federation.institutions, partition_scheme=d.partition,
+                alpha=d.alpha, seed=job.federation.seed, data=d.data, data_dir=d.data_dir,
+                test_data=d.test_data, text_column=d.text_column, label_column=d.label_column,
+                max_train_rows=d.max_train_rows or None, period_column=d.period_column)
+
+
+def job_data(job: JobConfig, period: str | None = None):
+    """The job's `FederatedData`; with periods, only the records of `period` (default: the job's
+    own period(s)), split into train/validation per institution. Server and institutions derive
+    the same split from the same config."""
+    from fedseek.data.periods import plan_periods, split_validation
+    from fedseek.data.tasks import load_federated_data
+
+    data = load_federated_data(**data_arguments(job))
+    d = job.data
+    if not d.periods:
+        return data
+    plan = {p.name: p for p in plan_periods(d.periods, _pooled(data), d.period_groups, d.period_freq)}
+    wanted = [p for p in (period if period is not None else d.period).split(PERIOD_SEPARATOR) if p]
+    unknown = [w for w in wanted if w not in plan]
+    if unknown or not wanted:
+        raise ValueError(f"period {unknown or wanted} is not one of {list(plan)}")
+    chosen = [plan[w] for w in wanted]
+    active = None if any(p.labels is None for p in chosen) else sorted(l for p in chosen for l in p.labels)
+
+    def select(rows):
+        index = np.unique(np.concatenate([p.selects(rows, d.periods, d.period_freq) for p in chosen]))
+        return rows.subset(index.astype(int))
+
+    train, validation = [], []
+    for k, rows in enumerate(data.train):
+        kept, held = split_validation(select(rows), d.validation_fraction, job.federation.seed + k)
+        train.append(kept)
+        validation.append(held)
+    return dataclasses.replace(data, train=train, test=select(data.test), active_labels=active,
+                               validation=validation)
+
+
+def period_names(job: JobConfig) -> list[str]:
+    """The ordered period names of the job's scheme."""
+    from fedseek.data.periods import plan_periods
+    from fedseek.data.tasks import load_federated_data
+
+    data = load_federated_data(**data_arguments(job))
+    return [p.name for p in plan_periods(job.data.periods, _pooled(data), job.data.period_groups,
+                                         job.data.period_freq)]
+
+
+def _pooled(data):
+    """All training rows of every institution (period keys are read off the whole pool)."""
+    from fedseek.data.loader import LabelledTexts
+
+    first = data.train[0]
+    return LabelledTexts(sum((t.texts for t in data.train), []), np.concatenate([t.labels for t in data.train]),
+                         first.label_names, sum((t.periods or [] for t in data.train), []) or None, first.source)
+
+
+def data_scope(job: JobConfig, dataset: str) -> str:
+    """The privacy-ledger scope key of `job` over the dataset with fingerprint `dataset`
+    (`dataset_fingerprint` at the coordinator, the site's own file fingerprint at a site)."""
+    from fedseek.privacy.ledger_math import DataScope
+
+    # without a period scheme the job reads every record, whatever `period` says
+    return DataScope(dataset, job.data.slicing_scheme, job.data.period_scope if job.data.periods else "all").key()
+
+
+def dataset_fingerprint(job: JobConfig, deployed: bool = False) -> str:
+    """Short sha256 of the records' source as the coordinator knows it: the files of the shipped
+    task, the user's --data file or every --data-dir file (contents, not paths: an edited file is
+    another dataset). `deployed`: the coordinator cannot read the sites' files, so the job's
+    declared data identity (task and columns) stands in for them until the census carries each
+    site's own fingerprint. The single place that decides a job's dataset identity."""
+    d = job.data
+    if deployed:
+        declared = f"deployed:task={d.task};text={d.text_column};label={d.label_column}"
+        return hashlib.sha256(declared.encode()).hexdigest()[:16]
+    if d.data_dir:
+        from fedseek.data.loader import find_data_files
+
+        files = find_data_files(d.data_dir)
+    elif d.data:
+        files = [Path(d.data)]
+    else:
+        from fedseek.data.tasks import SHIPPED, SHIPPED_TASKS
+
+        if d.task not in SHIPPED_TASKS:
+            raise ValueError(f"data.task {d.task!r} is not a shipped task {list(SHIPPED_TASKS)}")
+        files = sorted(p for p in (SHIPPED / d.task).iterdir() if p.is_file())
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + _file_sha256(str(path.resolve()), *_stamp(path)).encode())
+    return digest.hexdigest()[:16]
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    try:
+        stat = path.stat()
+    except OSError as err:
+        raise ValueError(f"data file {path}: cannot read it for the dataset fingerprint ({err.strerror})") from None
+    return stat.st_size, stat.st_mtime_ns
+
+
+@lru_cache(maxsize=64)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:  # size/mtime: re-hash an edited file
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
