@@ -119,3 +119,24 @@ def test_data_dir_one_file_per_institution(tmp_path):
     assert data.institutions == ["hospital_north", "hospital_south"]
     assert data.label_names == ["x", "y", "z"]
     assert len(data.test) == 12 and [len(t) for t in data.train] == [24, 24]
+
+
+def test_a_process_reads_a_jobs_data_once_and_again_when_the_file_changes(tmp_path):
+    import os
+
+    from fedseek.config import JobConfig
+    from fedseek.data.plan import federated_data
+
+    rows = "".join(f"record {i} about {'cards' if i % 2 else 'loans'},{'a' if i % 2 else 'b'}\n" for i in range(40))
+    path = write(tmp_path, "notes.csv", "text,label\n" + rows)
+    job = JobConfig()
+    job.data.data, job.federation.institutions = str(path), 2
+    first = federated_data(job)
+    assert federated_data(job) is first  # the same split, not read again
+    path.write_text("text,label\n" + rows.replace("record", "entry"), encoding="utf-8")
+    os.utime(path, ns=(1, 1))  # a new stamp even within the filesystem's time resolution
+    changed = federated_data(job)
+    assert changed is not first and changed.train[0].texts[0].startswith("entry")
+    job.data.data = str(tmp_path / "missing.csv")
+    with pytest.raises(DataError, match="missing.csv"):
+        federated_data(job)  # the loader's own error, naming the file

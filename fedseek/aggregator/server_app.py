@@ -23,8 +23,8 @@ from fedseek.aggregator.reply_trust import Plans, ReplyTrust
 from fedseek.aggregator.rounds import Reporter, SilentReporter, run_rounds
 from fedseek.aggregator.strategy import AdapterFedAvg, reply_origin
 from fedseek.config import JobConfig
-from fedseek.data.plan import data_arguments
-from fedseek.data.tasks import FederatedData, load_federated_data
+from fedseek.data.plan import federated_data
+from fedseek.data.tasks import FederatedData
 from fedseek.models.classifier import AdapterClassifier
 from fedseek.models.loading import base_model_bytes, base_model_hash, resolve_base
 from fedseek.models.lora import load_trainable_state, trainable_state
@@ -48,7 +48,7 @@ def run_federation(grid: Grid, job: JobConfig, reporter: Reporter | None = None,
     `resume`: a `fedseek.platform.resume.ResumePoint` (rounds 1..k committed): go on from round k+1."""
     reporter = reporter or SilentReporter()
     started = time.time()
-    data = load_federated_data(**data_arguments(job))
+    data = federated_data(job)
     classifier = AdapterClassifier(job.federation.base_model, len(data.label_names), job.lora,
                                    job.data.max_length, pooling=job.recipe.pooling,
                                    components=job.recipe.components)
@@ -207,7 +207,7 @@ def census(grid: Grid, job: JobConfig, timeout: float = 300.0, expected: Federat
     institution -> node id. Counts are all that is revealed (they are sent with every update).
     `expected` (simulation: the server's own split): names and counts must be exactly its own;
     `config`: the message config (default: the job's flat config and label names)."""
-    data = expected or load_federated_data(**data_arguments(job))
+    data = expected or federated_data(job)
     deadline = time.time() + timeout
     # all of the job's institutions, or with `min_institutions` at least that many after the timeout
     wanted, needed = job.federation.institutions, job.federation.min_institutions or job.federation.institutions

@@ -23,14 +23,33 @@ def data_arguments(job: JobConfig) -> dict:
                 max_train_rows=d.max_train_rows or None, period_column=d.period_column)
 
 
+def federated_data(job: JobConfig):
+    """The job's whole split (`load_federated_data` of `data_arguments`), read once per process:
+    cached by the arguments and the files' content fingerprint, so an edited file is read again."""
+    from fedseek.data.tasks import load_federated_data
+
+    arguments = data_arguments(job)
+    try:
+        fingerprint = dataset_fingerprint(job)
+    except ValueError:  # unreadable/unknown source: the loader names the file and line
+        return load_federated_data(**arguments)
+    return _load(tuple(sorted(arguments.items())), fingerprint)
+
+
+@lru_cache(maxsize=8)
+def _load(arguments: tuple, fingerprint: str):
+    from fedseek.data.tasks import load_federated_data
+
+    return load_federated_data(**dict(arguments))
+
+
 def job_data(job: JobConfig, period: str | None = None):
     """The job's `FederatedData`; with periods, only the records of `period` (default: the job's
     own period(s)), split into train/validation per institution. Server and institutions derive
     the same split from the same config."""
     from fedseek.data.periods import plan_periods, split_validation
-    from fedseek.data.tasks import load_federated_data
 
-    data = load_federated_data(**data_arguments(job))
+    data = federated_data(job)
     d = job.data
     if not d.periods:
         return data
@@ -58,9 +77,8 @@ def job_data(job: JobConfig, period: str | None = None):
 def period_names(job: JobConfig) -> list[str]:
     """The ordered period names of the job's scheme."""
     from fedseek.data.periods import plan_periods
-    from fedseek.data.tasks import load_federated_data
 
-    data = load_federated_data(**data_arguments(job))
+    data = federated_data(job)
     return [p.name for p in plan_periods(job.data.periods, _pooled(data), job.data.period_groups,
                                          job.data.period_freq)]
 

@@ -194,12 +194,11 @@ def _preflight(job, given: set[str] = frozenset()):
     """Fail fast, before Ray starts: data readable and valid, model loadable, LoRA targets match
     (and trainable under DP); the recipe's rule fills the DP hyper-parameters the user left out."""
     from fedseek.clients.recipe import apply_rule
-    from fedseek.data.plan import data_arguments
-    from fedseek.data.tasks import load_federated_data
+    from fedseek.data.plan import federated_data
     from fedseek.models.loading import load_classifier, load_tokenizer
     from fedseek.models.lora import resolve_targets
 
-    data = load_federated_data(**data_arguments(job))
+    data = federated_data(job)
     apply_rule(job, [len(t) for t in data.train], given)
     if job.data.data_dir:
         job.federation.institutions = len(data.institutions)

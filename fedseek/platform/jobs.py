@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 
 from fedseek.config import JobConfig
-from fedseek.data.plan import data_arguments
+from fedseek.data.plan import federated_data
 
 
 class PlatformUnavailable(ValueError):
@@ -22,7 +22,6 @@ def run_job(job: JobConfig, inner=None, verbose: bool = False, track: bool = Tru
     if not track:
         return simulate(job, inner, verbose=verbose, **simulate_options)
     refuse_reproducible_noise(job, settings, deployed=False)
-    from fedseek.data.tasks import load_federated_data
     from fedseek.platform.reporter import PlatformReporter
 
     from sqlalchemy.exc import OperationalError
@@ -38,7 +37,7 @@ def run_job(job: JobConfig, inner=None, verbose: bool = False, track: bool = Tru
             first.data.period = PERIOD_SEPARATOR.join(names) if job.ewc.method == "joint" else names[0]
             reporter.preflight(first, job_data(first))
         else:
-            reporter.preflight(job, load_federated_data(**data_arguments(job)))
+            reporter.preflight(job, federated_data(job))
     except OperationalError as err:
         raise PlatformUnavailable(f"platform DB unreachable ({str(err.orig).splitlines()[0][:300]}); fix "
                                   "FEDSEEK_DB_URL or run with --no-track") from None
