@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import pytest
 from flwr.app import ConfigRecord
+from flwr.common.config import flatten_dict
 
-from fedseek.platform.flower_app import job_from_run_config
+from fedseek.platform.flower_app import job_from_run_config, run_config_defaults
 from fedseek.config import JobConfig
 
 
@@ -19,9 +20,10 @@ def test_job_config_round_trips_through_a_config_record():
     assert back.privacy.delta is None
 
 
-def test_flwr_run_config_short_names():
-    job = job_from_run_config({"task": "medical_abstracts", "num-server-rounds": 7, "epsilon": 4.0,
-                               "dp": False, "lora-rank": 4, "optim.learning_rate": 0.01})
+def test_flwr_run_config_keys_are_the_job_settings():
+    job = job_from_run_config({"data.task": "medical_abstracts", "federation.rounds": 7,
+                               "privacy.target_epsilon": 4.0, "privacy.enabled": False, "lora.rank": 4,
+                               "optim.learning_rate": 0.01, "platform-track": True})
     assert (job.data.task, job.federation.rounds, job.privacy.target_epsilon) == ("medical_abstracts", 7, 4.0)
     assert job.privacy.enabled is False and job.lora.rank == 4 and job.optim.learning_rate == 0.01
 
@@ -41,8 +43,10 @@ def test_pyproject_flower_components_resolve_to_apps():
         module, attribute = reference.split(":")
         apps[role] = getattr(importlib.import_module(module), attribute)
     assert isinstance(apps["serverapp"], ServerApp) and isinstance(apps["clientapp"], ClientApp)
-    defaults = job_from_run_config(project["tool"]["flwr"]["app"]["config"])
-    assert defaults.federation.institutions == 3 and defaults.privacy.target_epsilon == 8.0
+    # the run config is generated from the dataclasses (a default is written once) and is current
+    shipped = flatten_dict(project["tool"]["flwr"]["app"]["config"])
+    assert shipped == run_config_defaults() and job_from_run_config(shipped) == JobConfig()
+    assert shipped["privacy.target_epsilon"] == JobConfig().privacy.target_epsilon
 
 
 def test_set_overrides_are_parsed_by_the_declared_field_type_and_bad_items_are_named():

@@ -30,16 +30,55 @@ def main(grid: Grid, context: Context) -> None:
         run_federation(grid, job)
 
 
-RUN_CONFIG_ALIASES = {
-    "task": "data.task", "institutions": "federation.institutions",
-    "num-server-rounds": "federation.rounds", "local-steps": "optim.local_steps",
-    "epsilon": "privacy.target_epsilon", "dp": "privacy.enabled", "lora-rank": "lora.rank",
-    "seed": "federation.seed", "base-model": "federation.base_model", "out": "federation.out",
+# keys of the run config that are not job settings (`fedseek deploy run` sets them)
+RUN_KEYS = {
+    "job": ("", "the whole JobConfig as JSON (`fedseek deploy run` sets it; overrides the tables below)"),
+    "platform-track": (False, "record the job in the platform DB, privacy ledger and MLflow"),
+    "census-timeout": (300, "seconds to wait for the job's institutions to connect"),
+    "resume-job": (0, "a platform job id to resume from its last committed round (`fedseek deploy run --resume`)"),
 }
 
 
 def job_from_run_config(run_config: dict) -> JobConfig:
+    """The job of a run config: the whole JobConfig in `job`, else its `section.field` keys (Flower
+    flattens the pyproject tables and `--run-config "optim.local_steps=2"` to those keys)."""
     if run_config.get("job"):
         return JobConfig.from_flat(json.loads(str(run_config["job"])))
-    flat = {RUN_CONFIG_ALIASES.get(k, k): v for k, v in run_config.items()}
-    return JobConfig.from_flat(flat)
+    return JobConfig.from_flat(run_config)
+
+
+def run_config_defaults() -> dict:
+    """`[tool.flwr.app.config]` as Flower flattens it: RUN_KEYS and every JobConfig setting that a
+    run config can carry (bool/int/float/str; None and list settings only through `job`)."""
+    settings = {k: v for k, v in JobConfig().to_flat().items() if isinstance(v, (bool, int, float, str))}
+    return {**{k: v for k, (v, _) in RUN_KEYS.items()}, **settings}
+
+
+def pyproject_section() -> str:
+    """The `[tool.flwr.app.config]` tables, generated from fedseek/config.py (a default is written once)."""
+    def toml(value) -> str:
+        return json.dumps(value) if not isinstance(value, bool) else str(value).lower()
+
+    lines = ["[tool.flwr.app.config]  # generated from fedseek/config.py: python -m fedseek.platform.flower_app"]
+    lines += [f"{key} = {toml(value)}  # {why}" for key, (value, why) in RUN_KEYS.items()]
+    section = None
+    for key, value in run_config_defaults().items():
+        if key in RUN_KEYS:
+            continue
+        table, name = key.split(".", 1)
+        if table != section:
+            lines += ["", f"[tool.flwr.app.config.{table}]"]
+            section = table
+        lines.append(f"{name} = {toml(value)}")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # rewrite pyproject.toml's run config from the dataclasses
+    from fedseek.resources import PACKAGE_DIR
+
+    path = PACKAGE_DIR.parent / "pyproject.toml"
+    text = path.read_text()
+    start = text.index("[tool.flwr.app.config]")
+    end = text.index("\n[tool.pytest", start) + 1
+    path.write_text(text[:start] + pyproject_section() + "\n" + text[end:])
+    print(f"wrote [tool.flwr.app.config] of {path}")
