@@ -9,6 +9,9 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from fedseek.config import (CompressionSettings, DataSettings, EWCSettings, FederationSettings, FisherSettings,
+                            LoraSettings, OptimSettings, PrivacySettings, RobustSettings)
+
 app = typer.Typer(help="FedSeek: federated, differentially private LoRA fine-tuning of DeepSeek "
                        "models across institutions that never share their records.",
                   no_args_is_help=True, add_completion=False)
@@ -53,14 +56,14 @@ class Targets(str, Enum):
 
 @app.command()
 def simulate(
-    task: str = typer.Option("banking77", help="Shipped task: banking77 | medical_abstracts | pubmedqa."),
+    task: str = typer.Option(DataSettings.task, help="Shipped task: banking77 | medical_abstracts | pubmedqa."),
     data: Path = typer.Option(None, help="Your CSV/JSONL file, partitioned across institutions."),
     data_dir: Path = typer.Option(None, help="Directory with one CSV/JSONL per institution (+ optional test.*)."),
     test_data: Path = typer.Option(None, help="Global test file for --data (default: 20% stratified hold-out)."),
-    text_column: str = typer.Option("text", help="Column holding the text."),
-    label_column: str = typer.Option("label", help="Column holding the label."),
-    institutions: int = typer.Option(3, min=1, help="Simulated institutions (ignored with --data-dir)."),
-    rounds: int = typer.Option(5, min=1, help="Federated rounds."),
+    text_column: str = typer.Option(DataSettings.text_column, help="Column holding the text."),
+    label_column: str = typer.Option(DataSettings.label_column, help="Column holding the label."),
+    institutions: int = typer.Option(FederationSettings.institutions, min=1, help="Simulated institutions (ignored with --data-dir)."),
+    rounds: int = typer.Option(FederationSettings.rounds, min=1, help="Federated rounds."),
     recipe: Recipe = typer.Option(Recipe.probe, help="DP recipe: probe = head on every layer's pooled states "
                                   "(public-slice standardization), DP linear probe then optional DP LoRA (LP-FT), "
                                   "hyper-parameters from the rule in fedseek.clients.recipe; lora = the old "
@@ -68,8 +71,8 @@ def simulate(
     probe_rounds: int = typer.Option(None, min=0, help="probe recipe: head-only rounds before LoRA rounds (default: all)."),
     local_steps: int = typer.Option(None, min=1, help="DP-SGD steps per institution per round (default: the recipe's rule; lora: 12)."),
     batch_fraction: float = typer.Option(None, min=1e-4, max=1.0, help="Poisson sampling rate q, expected batch q*N (default: the rule; lora: 0.125)."),
-    learning_rate: float = typer.Option(2e-2, min=0.0, help="Peak Adam learning rate of LoRA rounds (warmup, then cosine)."),
-    epsilon: float = typer.Option(8.0, min=0.01, help="Privacy budget per institution for the whole job."),
+    learning_rate: float = typer.Option(OptimSettings.learning_rate, min=0.0, help="Peak Adam learning rate of LoRA rounds (warmup, then cosine)."),
+    epsilon: float = typer.Option(PrivacySettings.target_epsilon, min=0.01, help="Privacy budget per institution for the whole job."),
     delta: float = typer.Option(None, help="delta (default min(1e-5, 0.01/N) per institution: N·delta <= 0.01)."),
     noise_multiplier: float = typer.Option(None, help="Give sigma directly instead of deriving it from --epsilon."),
     clip_norm: float = typer.Option(None, min=1e-6, help="Per-sample gradient clipping norm C (default: the rule; lora: 1.0)."),
@@ -78,41 +81,41 @@ def simulate(
                                             "from --seed (tests/benchmarks only: NOT private; tracked jobs refuse "
                                             "it unless FEDSEEK_ALLOW_REPRODUCIBLE_NOISE=1)."),
     partition: Partition = typer.Option(Partition.iid, help="How records are split across institutions."),
-    alpha: float = typer.Option(0.5, min=1e-3, help="Dirichlet concentration for --partition dirichlet."),
-    lora_rank: int = typer.Option(16, min=1, help="LoRA rank r."),
-    lora_targets: str = typer.Option("attention", help="'attention', 'attention+mlp' or comma-separated module names."),
-    lora_layers: int = typer.Option(1, min=0, help="Adapt only the top N decoder layers (0 = all)."),
+    alpha: float = typer.Option(DataSettings.alpha, min=1e-3, help="Dirichlet concentration for --partition dirichlet."),
+    lora_rank: int = typer.Option(LoraSettings.rank, min=1, help="LoRA rank r."),
+    lora_targets: str = typer.Option(LoraSettings.targets, help="'attention', 'attention+mlp' or comma-separated module names."),
+    lora_layers: int = typer.Option(LoraSettings.top_layers, min=0, help="Adapt only the top N decoder layers (0 = all)."),
     ffa: bool = typer.Option(False, "--ffa", help="FFA-LoRA: freeze A at a shared seed, train/send only B."),
     base_model: Path = typer.Option(None, help="Local checkpoint directory (DeepSeek-V2/V3, R1-Distill Qwen/Llama); default: embedded."),
     compression: Compression = typer.Option(Compression.none, help="Upload adapter deltas as fp16, int8 or int4 (per-channel scales) instead of float32."),
-    topk: float = typer.Option(0.0, min=0.0, max=0.99, help="Upload only this fraction of each delta's largest entries (0 = all; error feedback keeps the rest)."),
+    topk: float = typer.Option(CompressionSettings.topk, min=0.0, max=0.99, help="Upload only this fraction of each delta's largest entries (0 = all; error feedback keeps the rest)."),
     robust: Robust = typer.Option(Robust.fedavg, help="How the server combines updates: fedavg | trimmed-mean | "
                                   "median (coordinate-wise, against poisoned updates)."),
-    trim_fraction: float = typer.Option(0.2, min=0.0, max=0.49, help="trimmed-mean: fraction cut from each end."),
-    server_clip: float = typer.Option(0.0, min=0.0, help="Bound each update's delta to this L2 norm on the server (0 = off)."),
-    outlier_ratio: float = typer.Option(0.0, min=0.0, help="Reject updates whose norm exceeds this multiple of "
+    trim_fraction: float = typer.Option(RobustSettings.trim_fraction, min=0.0, max=0.49, help="trimmed-mean: fraction cut from each end."),
+    server_clip: float = typer.Option(RobustSettings.clip_norm, min=0.0, help="Bound each update's delta to this L2 norm on the server (0 = off)."),
+    outlier_ratio: float = typer.Option(RobustSettings.outlier_ratio, min=0.0, help="Reject updates whose norm exceeds this multiple of "
                                         "the round's median (0 = off; needs >= 3 institutions)."),
-    max_train_rows: int = typer.Option(0, min=0, help="Use at most this many training rows in total (0 = all)."),
-    seed: int = typer.Option(0, help="Seed for partitioning, sampling and LoRA init."),
-    out: Path = typer.Option(Path("runs/latest"), help="Output directory (report.json, adapter/)."),
+    max_train_rows: int = typer.Option(DataSettings.max_train_rows, min=0, help="Use at most this many training rows in total (0 = all)."),
+    seed: int = typer.Option(FederationSettings.seed, help="Seed for partitioning, sampling and LoRA init."),
+    out: Path = typer.Option(Path(FederationSettings.out), help="Output directory (report.json, adapter/)."),
     verbose: bool = typer.Option(False, help="Show Flower/Ray logs."),
     cpus_per_client: float = typer.Option(None, min=0.1, help="CPUs Ray reserves per simulated institution "
                                           "(default: all cores, one institution at a time)."),
     periods: str = typer.Option("", help="Continual learning: period scheme years | intent-groups | "
                                 "condition-groups | column | auto (the task's default); one federated job per period."),
     cl: Method = typer.Option(Method.ewc, help="Continual method (with --periods); joint = one job on all periods (upper bound)."),
-    ewc_lambda: float = typer.Option(1.0, min=0.0, help="EWC strength λ (Fisher normalised to mean 1)."),
-    ewc_gamma: float = typer.Option(0.9, min=0.0, max=1.0, help="Online-EWC decay γ of the running Fisher."),
+    ewc_lambda: float = typer.Option(EWCSettings.lam, min=0.0, help="EWC strength λ (Fisher normalised to mean 1)."),
+    ewc_gamma: float = typer.Option(EWCSettings.gamma, min=0.0, max=1.0, help="Online-EWC decay γ of the running Fisher."),
     compare: str = typer.Option("", help="Also run these methods as comparison arms, e.g. 'naive,joint'."),
     tune_lambda: str = typer.Option("", help="Pick λ among these (e.g. '0.1,1,10') on the institutions' "
                                     "validation splits of the first two periods."),
     tune_only: bool = typer.Option(False, "--tune-only", help="Stop after choosing λ (--tune-lambda)."),
     period_column: str = typer.Option(None, help="Column of your data holding each row's date or period id."),
-    period_freq: str = typer.Option("", help="With --period-column of ISO dates: year | quarter."),
-    period_groups: int = typer.Option(3, min=2, help="Label groups for intent-groups / condition-groups."),
-    fisher_noise: float = typer.Option(10.0, min=0.0, help="Noise multiplier σ_F of the DP Fisher pass."),
-    fisher_rate: float = typer.Option(0.5, min=1e-4, max=1.0, help="Poisson rate of the DP Fisher pass."),
-    fisher_granularity: str = typer.Option("tensor", help="Fisher values released per tensor | row | coordinate."),
+    period_freq: str = typer.Option(DataSettings.period_freq, help="With --period-column of ISO dates: year | quarter."),
+    period_groups: int = typer.Option(DataSettings.period_groups, min=2, help="Label groups for intent-groups / condition-groups."),
+    fisher_noise: float = typer.Option(FisherSettings.noise_multiplier, min=0.0, help="Noise multiplier σ_F of the DP Fisher pass."),
+    fisher_rate: float = typer.Option(FisherSettings.sample_rate, min=1e-4, max=1.0, help="Poisson rate of the DP Fisher pass."),
+    fisher_granularity: str = typer.Option(FisherSettings.granularity, help="Fisher values released per tensor | row | coordinate."),
     validation_fraction: float = typer.Option(0.1, min=0.0, max=0.5, help="With --periods: records each "
                                               "institution holds out for λ selection."),
     track: bool = typer.Option(True, "--track/--no-track", help="Record the job in the platform DB, "
@@ -123,9 +126,7 @@ def simulate(
     from fedseek.quiet import quiet_environment
 
     quiet_environment()
-    from fedseek.config import (CompressionSettings, DataSettings, EWCSettings, FederationSettings, FisherSettings,
-                                JobConfig, LoraSettings, OptimSettings, PrivacySettings, RecipeSettings,
-                                RobustSettings)
+    from fedseek.config import JobConfig, RecipeSettings
     from fedseek.data.loader import DataError
     from fedseek.data.periods import DEFAULT_SCHEME
     from fedseek.platform.console import RichReporter
@@ -142,9 +143,10 @@ def simulate(
         lora=LoraSettings(rank=lora_rank, alpha=2.0 * lora_rank, targets=lora_targets,
                           top_layers=lora_layers, ffa=ffa, seed=seed),
         privacy=PrivacySettings(enabled=not no_dp, target_epsilon=epsilon, delta=delta,
-                                noise_multiplier=noise_multiplier, clip_norm=clip_norm or 1.0,
+                                noise_multiplier=noise_multiplier, clip_norm=clip_norm or PrivacySettings.clip_norm,
                                 reproducible_noise=reproducible_noise),
-        optim=OptimSettings(local_steps=local_steps or 12, batch_fraction=batch_fraction or 0.125,
+        optim=OptimSettings(local_steps=local_steps or OptimSettings.local_steps,
+                            batch_fraction=batch_fraction or OptimSettings.batch_fraction,
                             learning_rate=learning_rate),
         recipe=RecipeSettings(name=recipe.value, probe_rounds=-1 if probe_rounds is None else probe_rounds),
         federation=FederationSettings(institutions=institutions, rounds=rounds, seed=seed,

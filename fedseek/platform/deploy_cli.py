@@ -14,6 +14,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from fedseek.config import DataSettings, FederationSettings, LoraSettings, OptimSettings, PrivacySettings
+
 deploy_app = typer.Typer(help="Real deployment: TLS certificates, SuperNode keys, SuperLink / SuperNode / "
                               "ServerApp / ClientApp services, registration and job launch.",
                          no_args_is_help=True)
@@ -214,23 +216,23 @@ def clientapp(supernode: str = typer.Option("supernode:9094", help="The SuperNod
 @deploy_app.command()
 def run(superlink: str = typer.Option(CONTROL, help="The SuperLink's control listener host:port (not the published Fleet port)."),
         ca: Path = typer.Option(Path("certs/ca.crt"), help="CA certificate of the SuperLink."),
-        institutions: int = typer.Option(3, min=1, help="Institutions that must take part."),
-        task: str = typer.Option("banking77", help="Task: its label set and the coordinator's test set."),
+        institutions: int = typer.Option(FederationSettings.institutions, min=1, help="Institutions that must take part."),
+        task: str = typer.Option(DataSettings.task, help="Task: its label set and the coordinator's test set."),
         test_data: Path = typer.Option(None, help="Coordinator-side test file (labels define the label set)."),
-        rounds: int = typer.Option(5, min=1, help="Federated rounds."),
-        local_steps: int = typer.Option(12, min=1, help="DP-SGD steps per institution per round."),
-        epsilon: float = typer.Option(8.0, min=0.01, help="Privacy budget per institution for this job."),
+        rounds: int = typer.Option(FederationSettings.rounds, min=1, help="Federated rounds."),
+        local_steps: int = typer.Option(OptimSettings.local_steps, min=1, help="DP-SGD steps per institution per round."),
+        epsilon: float = typer.Option(PrivacySettings.target_epsilon, min=0.01, help="Privacy budget per institution for this job."),
         no_dp: bool = typer.Option(False, "--no-dp", help="Train without differential privacy."),
-        lora_rank: int = typer.Option(16, min=1, help="LoRA rank r."),
+        lora_rank: int = typer.Option(LoraSettings.rank, min=1, help="LoRA rank r."),
         out: str = typer.Option(None, help="Output directory on the ServerApp host (default runs/deploy/<UTC time>)."),
         set_: list[str] = typer.Option([], "--set", help="Any other job setting, section.field=value (repeat)."),
         app_dir: Path = typer.Option(None, help="The FedSeek project directory to run (default: this installation's)."),
         census_timeout: float = typer.Option(300.0, help="Seconds to wait for the institutions to connect."),
-        min_institutions: int = typer.Option(0, min=0, help="The job starts with at least this many institutions "
+        min_institutions: int = typer.Option(FederationSettings.min_institutions, min=0, help="The job starts with at least this many institutions "
                                              "if the others do not answer the census in time, and rounds go on "
                                              "with at least this many updates when others drop out (0 = all)."),
-        round_timeout: float = typer.Option(3600.0, min=1.0, help="Seconds a round waits for replies."),
-        rejoin_wait: float = typer.Option(30.0, min=0.0, help="With --min-institutions: seconds a round's start "
+        round_timeout: float = typer.Option(FederationSettings.round_timeout, min=1.0, help="Seconds a round waits for replies."),
+        rejoin_wait: float = typer.Option(FederationSettings.rejoin_wait, min=0.0, help="With --min-institutions: seconds a round's start "
                                           "waits for offline institutions to reconnect."),
         resume: int = typer.Option(0, min=0, help="Resume this interrupted platform job from its last committed "
                                    "round (its settings come from the platform DB; job options here are ignored)."),
