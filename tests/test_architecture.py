@@ -14,18 +14,18 @@ LOWER = ("clients", "aggregator", "continual", "privacy", "models", "data", "wir
 MAX_LINES = 300
 
 
-def modules() -> dict[str, Path]:
+def modules(package: Path = PACKAGE) -> dict[str, Path]:
     found = {}
-    for path in PACKAGE.rglob("*.py"):
-        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    for path in package.rglob("*.py"):
+        parts = path.relative_to(package.parent).with_suffix("").parts
         found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     return found
 
 
 @lru_cache(maxsize=None)
-def import_graph() -> dict[str, frozenset[str]]:
-    """module -> the fedseek modules it imports (a package's __init__ counts as a module)."""
-    mods = modules()
+def import_graph(package: Path = PACKAGE) -> dict[str, frozenset[str]]:
+    """module -> the package's modules it imports (a package's __init__ counts as a module)."""
+    mods = modules(package)
     graph = {}
     for name, path in mods.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
@@ -76,10 +76,17 @@ def layer(module: str) -> str:
     return module.split(".")[1] if module.count(".") else ""
 
 
-def test_the_graph_sees_local_imports_and_finds_cycles():
-    assert "fedseek.clients.handlers" in import_graph()["fedseek.clients.client_app"]  # function-local
-    assert cycles({"a": frozenset({"b"}), "b": frozenset({"c"}), "c": frozenset({"a"}), "d": frozenset({"a"})}) \
-        == [["a", "b", "c"]]
+def test_the_graph_sees_local_and_relative_imports_and_finds_their_cycle(tmp_path):
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    for name, source in {"__init__.py": "", "sub/__init__.py": "", "top.py": "import os\nfrom .sub import a\n",
+                         "sub/a.py": "def f():\n    from pkg.sub import b\n",  # function-local
+                         "sub/b.py": "from ..top import x\n",  # relative, two levels up
+                         "low.py": "from pkg.sub.a import f\n"}.items():  # imports the cycle, not in it
+        (pkg / name).write_text(source)
+    graph = import_graph(pkg)
+    assert graph["pkg.sub.a"] == {"pkg.sub", "pkg.sub.b"} and graph["pkg.sub.b"] == {"pkg.top"}
+    assert cycles(graph) == [["pkg.sub.a", "pkg.sub.b", "pkg.top"]]
 
 
 def test_no_import_cycles():
