@@ -23,13 +23,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from fedseek.aggregator.reply_trust import ReplyTrust, fisher_reply
 from fedseek.aggregator.robust import update_byte_limit
 from fedseek.aggregator.rounds import Reporter, SilentReporter, run_rounds
-from fedseek.aggregator.server_app import _round_row, _tensors, build_report, census, reply_trust
+from fedseek.aggregator.server_app import _round_row, build_report, census, reply_trust
 from fedseek.aggregator.strategy import AdapterFedAvg, reply_origin
 from fedseek.config import PERIOD_SEPARATOR, JobConfig
 from fedseek.data.plan import job_data, period_names
@@ -38,12 +38,9 @@ from fedseek.continual.fisher import restrict_rows, weighted_fisher
 from fedseek.continual.report import cl_summary, heatmap_png
 from fedseek.models.classifier import AdapterClassifier
 from fedseek.models.lora import load_trainable_state, trainable_state
+from fedseek.wire.arrays import to_record, to_tensors
 
 logger = logging.getLogger("fedseek")
-
-
-def _records(tensors: dict) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.asarray(v.numpy() if hasattr(v, "numpy") else v)) for k, v in tensors.items()})
 
 
 class ContinualRunner:
@@ -62,7 +59,7 @@ class ContinualRunner:
             data = job_data(job, name)
             self.tests[name] = self.classifier.encode(data.test.texts, data.test.labels,
                                                       active_labels=data.active_labels)
-        self.initial = _records(trainable_state(self.classifier.model))
+        self.initial = to_record(trainable_state(self.classifier.model))
         # node id -> institution, bound once by a census (names and counts checked against the split)
         first = copy.deepcopy(job)
         first.data.period = self.periods[0]
@@ -86,12 +83,12 @@ class ContinualRunner:
         started = time.time()
         data = job_data(job)
         train_config = self.message_config(job, data)
-        extra = {"ewc": _records(state.to_flat())} if job.ewc.uses_fisher and len(state) else None
+        extra = {"ewc": to_record(state.to_flat())} if job.ewc.uses_fisher and len(state) else None
         trust = reply_trust(job, data, self.nodes)
         strategy = AdapterFedAvg(job.federation.institutions, job.compression, extra_records=extra,
                                  robust=job.robust, node_names=self.nodes, trust=trust)
         test = self.tests[job.data.period] if job.data.period in self.tests else None
-        load_trainable_state(self.classifier.model, _tensors(arrays))
+        load_trainable_state(self.classifier.model, to_tensors(arrays))
         initial = self.classifier.evaluate(test) if test else {"accuracy": float("nan"), "loss": float("nan")}
         self.reporter.start(job, data, initial)
         rows: list[dict] = []
@@ -99,7 +96,7 @@ class ContinualRunner:
         def evaluate(server_round: int, current: ArrayRecord) -> MetricRecord | None:
             if server_round == 0 or test is None:
                 return None
-            load_trainable_state(self.classifier.model, _tensors(current))
+            load_trainable_state(self.classifier.model, to_tensors(current))
             evaluation = self.classifier.evaluate(test)
             rows.append(_round_row(server_round, evaluation, strategy.round_log.get(server_round, []), started))
             self.reporter.round(rows[-1])
@@ -123,8 +120,8 @@ class ContinualRunner:
             if data.active_labels is not None:
                 heads = [n for n, t in fisher.items() if "modules_to_save" in n and t.shape[0] == len(self.label_names)]
                 fisher = restrict_rows(fisher, heads, list(data.active_labels))
-            state = consolidate(state, normalise_fisher(fisher), _tensors(final), job.ewc)
-        load_trainable_state(self.classifier.model, _tensors(final))
+            state = consolidate(state, normalise_fisher(fisher), to_tensors(final), job.ewc)
+        load_trainable_state(self.classifier.model, to_tensors(final))
         report = build_report(job, data, self.classifier, initial, rows, strategy.round_log, started)
         report.update(period=job.data.period, data_scope=job.data.period_scope, fisher=fisher_log,
                       epsilon=epsilon if job.privacy.enabled else None)

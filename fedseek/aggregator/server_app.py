@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedseek.aggregator.reply_trust import Plans, ReplyTrust
@@ -29,13 +29,10 @@ from fedseek.models.classifier import AdapterClassifier
 from fedseek.models.loading import base_model_bytes, base_model_hash, resolve_base
 from fedseek.models.lora import load_trainable_state, trainable_state
 from fedseek.privacy.randomness import noise_label
+from fedseek.wire.arrays import to_record, to_tensors
 
 
 logger = logging.getLogger("fedseek")
-
-
-def _tensors(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(np.array(v.numpy())) for k, v in arrays.items()}
 
 
 def run_federation(grid: Grid, job: JobConfig, reporter: Reporter | None = None,
@@ -57,7 +54,7 @@ def run_federation(grid: Grid, job: JobConfig, reporter: Reporter | None = None,
     done = resume.committed if resume else 0  # Flower numbers this run's rounds 1..; the job's are done+1..
     if resume and resume.tensors is not None:
         load_trainable_state(classifier.model, {k: torch.from_numpy(np.array(v)) for k, v in resume.tensors.items()})
-    initial_arrays = ArrayRecord({k: Array(v.numpy()) for k, v in trainable_state(classifier.model).items()})
+    initial_arrays = to_record(trainable_state(classifier.model))
     if nodes is None:  # simulation: bind node ids to institutions, counts checked against the split
         nodes = {node: name for name, node in census(grid, job, expected=data)[1].items()}
     trust = reply_trust(job, sites or data, nodes, done)
@@ -70,7 +67,7 @@ def run_federation(grid: Grid, job: JobConfig, reporter: Reporter | None = None,
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
             return MetricRecord(initial)
-        tensors = _tensors(arrays)
+        tensors = to_tensors(arrays)
         load_trainable_state(classifier.model, tensors)
         evaluation = classifier.evaluate(test)
         rows.append(_round_row(done + server_round, evaluation, strategy.round_log.get(server_round, []), started))
@@ -89,7 +86,7 @@ def run_federation(grid: Grid, job: JobConfig, reporter: Reporter | None = None,
     if job.federation.rounds > done:  # `final`: the last committed round's adapter, also if stopped early
         final, stopped = run_rounds(strategy, grid, initial_arrays, job.federation.rounds - done, train_config,
                                     evaluate, reporter, timeout=job.federation.round_timeout)
-        load_trainable_state(classifier.model, _tensors(final))
+        load_trainable_state(classifier.model, to_tensors(final))
     else:  # every round was committed before the interruption: only the report is left
         round_log = {done: rows[-1]["clients"]} if rows else {}
     report = build_report(job, sites or data, classifier, initial, rows, round_log, started)
