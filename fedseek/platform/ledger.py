@@ -150,3 +150,42 @@ def epsilon_series(session: Session, names: list[str]) -> tuple[dict[str, list[t
         series[inst.name] = [(i + 1, e.epsilon_after) for i, e in enumerate(entries)]
         budgets[inst.name] = inst.epsilon_max
     return series, budgets
+
+
+def round_entries(row: dict, steps_seen: dict[tuple[str, str], int]) -> list[dict]:
+    """Ledger entries of one committed round from the clients' replies: the steps made *this*
+    round (replies count train steps over the whole job; `steps_seen` is updated)."""
+    entries = []
+    for client in row.get("clients", []):
+        name = client["institution"]
+        for kind, prefix in (("train", ""), ("fisher", "fisher_")):
+            if f"{prefix}steps" not in client or f"{prefix}noise_multiplier" not in client:
+                continue
+            total = int(client[f"{prefix}steps"])
+            steps = total - steps_seen.get((name, kind), 0) if kind == "train" else total
+            steps_seen[(name, kind)] = total
+            if steps > 0:
+                entries.append({"institution": name, "kind": kind, "sigma": float(client[f"{prefix}noise_multiplier"]),
+                                "q": float(client[f"{prefix}sample_rate"]), "steps": steps,
+                                "delta": float(client["delta"])})
+    return entries
+
+
+def next_round_refusal(session: Session, entries: list[dict], scope: str, rounds_done: int) -> str:
+    """Why the next round must not run ("" if it may): repeating this round's train releases would
+    take an institution over its budget."""
+    for entry in (e for e in entries if e["kind"] == "train"):
+        inst = session.scalars(select(Institution).filter_by(name=entry["institution"])).one()
+        planned = Release(scope, entry["sigma"], entry["q"], entry["steps"])
+        nxt = institution_epsilon(releases(session, inst.id) + [planned], inst.delta or entry["delta"])
+        if nxt > inst.epsilon_max + 1e-9:
+            return (f"stopped before round {rounds_done + 1}: institution {inst.name!r} "
+                    f"would reach epsilon {nxt:.3f} > budget {inst.epsilon_max:g}")
+    return ""
+
+
+def fisher_entry(entry: dict) -> dict:
+    """A ledger entry from one institution's Fisher-pass log (`report["fisher"]`)."""
+    return {"institution": entry["institution"], "kind": "fisher", "sigma": float(entry["fisher_noise_multiplier"]),
+            "q": float(entry["fisher_sample_rate"]), "steps": int(entry["fisher_steps"]),
+            "delta": float(entry["delta"])}

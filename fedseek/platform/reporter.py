@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from pathlib import Path
 
-from fedseek.continual.report import heatmap_png
-from fedseek.platform import ledger, plots
+from fedseek.platform import job_tracking, ledger
 from fedseek.platform.checkpoints import checkpoint_path, crash_point, save_checkpoint
 from fedseek.platform.db import (AdapterVersion, Job, Period, get_or_create_task, session_scope,
                                  utcnow)
@@ -18,8 +16,7 @@ from fedseek.platform.registry import model_name, version_tags
 from fedseek.platform.resume import owner
 from fedseek.platform.settings import PlatformSettings, load_settings
 from fedseek.platform.tracking import Outbox, flush_all
-from fedseek.privacy.ledger_math import DataScope, Release, institution_epsilon
-from fedseek.privacy.randomness import noise_label
+from fedseek.privacy.ledger_math import DataScope
 
 
 def data_scope(job, runner: str = "simulate") -> str:
@@ -107,27 +104,12 @@ class PlatformReporter:
         self.steps_seen, self.rows = {}, []
         self.outbox = Outbox(self.settings.outbox_dir, f"job-{self.job_id:06d}")
         self._flush()  # older journals first, so versions keep their order
-        self._open_runs(job, data)
-        self._metrics("job", 0, _finite({"accuracy": initial["accuracy"], "loss": initial["loss"]}))
+        job_tracking.open_runs(self.outbox, job, data, self.job_id, self.db, self.scope)
+        self.outbox.append("metrics", key="job", step=0,
+                           metrics=job_tracking.finite({"accuracy": initial["accuracy"], "loss": initial["loss"]}))
         self._flush()
         if self.inner:
             self.inner.start(job, data, initial)
-
-    def _open_runs(self, job, data) -> None:
-        params = {"sigma": job.privacy.noise_multiplier, "q": job.optim.batch_fraction,
-                  "clip": job.privacy.clip_norm, "target_epsilon": job.privacy.target_epsilon,
-                  "delta": job.privacy.delta, "dp": job.privacy.enabled, "rounds": job.federation.rounds,
-                  "local_steps": job.optim.local_steps, "lora_rank": job.lora.rank, "ffa": job.lora.ffa,
-                  "institutions": ",".join(data.institutions), "data_scope": self.scope}
-        self.outbox.append("run", key="job", experiment=data.task, name=f"job-{self.job_id}",
-                           db_url=self.db, job_id=self.job_id,
-                           tags={"fedseek.job_id": self.job_id, "fedseek.data_scope": self.scope,
-                                 "fedseek.dp_noise": noise_label(job.privacy.enabled, job.privacy.reproducible_noise)})
-        self.outbox.append("params", key="job", params={k: str(v) for k, v in params.items() if v is not None})
-        for name, records in zip(data.institutions, data.train):
-            self.outbox.append("run", key=f"institution:{name}", parent="job", experiment=data.task,
-                               name=name, tags={"fedseek.institution": name})
-            self.outbox.append("params", key=f"institution:{name}", params={"records": len(records)})
 
     def attach(self, point) -> None:
         """Continue the interrupted job of `point` (a resume.ResumePoint) instead of a new one."""
@@ -150,13 +132,13 @@ class PlatformReporter:
             logged = {op["step"] for op in ops if op["op"] == "metrics" and op["key"] == "job"}
             for row in self.rows:
                 if row["round"] not in logged:
-                    self._round_metrics(row)
+                    job_tracking.round_metrics(self.outbox, row)
         elif self.resumed.mlflow_run_id:  # journal sent and removed (a failed job): every round is in MLflow
             self.outbox.append("attach", key="job", run_id=self.resumed.mlflow_run_id)
         else:
-            self._open_runs(job, data)
+            job_tracking.open_runs(self.outbox, job, data, self.job_id, self.db, self.scope)
             for row in self.rows:
-                self._round_metrics(row)
+                job_tracking.round_metrics(self.outbox, row)
         self._flush()
         if self.inner:
             self.inner.start(job, data, initial)
@@ -168,7 +150,7 @@ class PlatformReporter:
         crash_point("after-checkpoint")
 
     def round(self, row: dict) -> None:
-        entries = self._ledger_entries(row)
+        entries = ledger.round_entries(row, self.steps_seen) if self.job.privacy.enabled else []
         with session_scope(self.db) as session:  # the round, its ledger entries and checkpoint digest
             ledger.commit_round(session, self.job_id, row, entries, self.scope,
                                 self.job.privacy.clip_norm, self.settings.default_epsilon_max,
@@ -177,12 +159,13 @@ class PlatformReporter:
             crash_point("in-commit")  # everything written, not yet committed
         crash_point("after-commit")
         self.rows.append(row)
-        self._round_metrics(row)
+        job_tracking.round_metrics(self.outbox, row)
         self._flush()
         if self.inner:
             self.inner.round(row)
         if int(row["round"]) < self.job.federation.rounds and entries:
-            self._stop_if_next_round_exceeds(entries)
+            with session_scope(self.db) as session:
+                self.stop_reason = ledger.next_round_refusal(session, entries, self.scope, len(self.rows))
 
     def should_continue(self) -> bool:
         """False once the next round would exceed a budget: the job ends after the committed round."""
@@ -200,10 +183,10 @@ class PlatformReporter:
             session.flush()
             version_id = version.id
             if self.job.privacy.enabled:  # the DP Fisher passes that followed the rounds
-                fisher = [_fisher_entry(e) for e in report.get("fisher") or [] if "fisher_steps" in e]
+                fisher = [ledger.fisher_entry(e) for e in report.get("fisher") or [] if "fisher_steps" in e]
                 ledger.add_entries(session, self.job_id, len(self.rows), fisher, self.scope,
                                    self.job.privacy.clip_norm, self.settings.default_epsilon_max)
-        self._log_artifacts(report, out)
+        job_tracking.log_artifacts(self.outbox, report, out, self.db)
         tags = version_tags(report, self.job_id, self.scope)
         self.outbox.append("register", key="job", model=model_name(self.task), artifact_path="adapter",
                            tags=tags, db_url=self.db, adapter_version_id=version_id)
@@ -221,70 +204,6 @@ class PlatformReporter:
             self.inner.finish(report)
 
     # -- helpers ----------------------------------------------------------------------------------
-    def _ledger_entries(self, row: dict) -> list[dict]:
-        """Ledger entries of this round from the clients' replies (steps made *this* round)."""
-        if not self.job.privacy.enabled:
-            return []
-        entries = []
-        for client in row.get("clients", []):
-            name = client["institution"]
-            for kind, prefix in (("train", ""), ("fisher", "fisher_")):
-                if f"{prefix}steps" not in client or f"{prefix}noise_multiplier" not in client:
-                    continue
-                total = int(client[f"{prefix}steps"])
-                steps = total - self.steps_seen.get((name, kind), 0) if kind == "train" else total
-                self.steps_seen[(name, kind)] = total
-                if steps > 0:
-                    entries.append({"institution": name, "kind": kind, "sigma": float(client[f"{prefix}noise_multiplier"]),
-                                    "q": float(client[f"{prefix}sample_rate"]), "steps": steps,
-                                    "delta": float(client["delta"])})
-        return entries
-
-    def _stop_if_next_round_exceeds(self, entries: list[dict]) -> None:
-        """Set `stop_reason` if repeating this round's releases would exceed an institution's budget."""
-        from sqlalchemy import select
-
-        from fedseek.platform.db import Institution
-
-        scope = self.scope
-        with session_scope(self.db) as session:
-            for entry in (e for e in entries if e["kind"] == "train"):
-                inst = session.scalars(select(Institution).filter_by(name=entry["institution"])).one()
-                history = ledger.releases(session, inst.id)
-                nxt = institution_epsilon(history + [Release(scope, entry["sigma"], entry["q"], entry["steps"])],
-                                          inst.delta or entry["delta"])
-                if nxt > inst.epsilon_max + 1e-9:
-                    self.stop_reason = (f"stopped before round {len(self.rows) + 1}: institution {inst.name!r} "
-                                        f"would reach epsilon {nxt:.3f} > budget {inst.epsilon_max:g}")
-                    return
-
-    def _round_metrics(self, row: dict) -> None:
-        step = int(row["round"])
-        self._metrics("job", step, _finite({k: row.get(k) for k in ("accuracy", "loss", "train_loss", "bytes_up")}))
-        for client in row.get("clients", []):
-            self._metrics(f"institution:{client['institution']}", step, _finite({
-                k: client.get(k) for k in ("epsilon", "epsilon_rdp", "train_loss_last", "noise_multiplier",
-                                           "sample_rate", "steps", "num_examples")}))
-
-    def _metrics(self, key: str, step: int, values: dict) -> None:
-        self.outbox.append("metrics", key=key, step=step, metrics=values)
-
-    def _log_artifacts(self, report: dict, out: Path) -> None:
-        keep = self.outbox.keep
-        self.outbox.append("artifact", key="job", path=keep(out / "report.json", "report.json"))
-        self.outbox.append("artifact", key="job", path=keep(Path(report["adapter_dir"]), "adapter"),
-                           artifact_path="adapter")
-        plot_dir = self.outbox.files / "plots"
-        files = [plots.curves(report["rounds"], plot_dir / "curves.png")] if report["rounds"] else []
-        with session_scope(self.db) as session:
-            series, budgets = ledger.epsilon_series(session, report["institutions"])
-        if any(series.values()):
-            files.append(plots.epsilon_over_time(series, budgets, plot_dir / "epsilon.png"))
-        if (report.get("cl") or {}).get("accuracy_matrix"):  # square, or one row for the joint arm
-            files.append(heatmap_png(report["cl"], plot_dir / "accuracy_matrix.png"))
-        for path in files:
-            self.outbox.append("artifact", key="job", path=str(path), artifact_path="plots")
-
     def charge_counts(self, job, entries: list[dict]) -> None:
         """Charge noised record counts (`evaluate.validation` replies; `ledger.count_entries`) on
         `job`'s records to the ledger, with the current platform job."""
@@ -313,14 +232,3 @@ class PlatformReporter:
 
     def _flush(self) -> None:
         flush_all(self.settings.outbox_dir, self.settings.tracking_uri, self.settings.artifact_root)
-
-
-def _finite(values: dict) -> dict:
-    return {k: v for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)}
-
-
-def _fisher_entry(entry: dict) -> dict:
-    """A ledger entry from one institution's Fisher-pass log (`report["fisher"]`)."""
-    return {"institution": entry["institution"], "kind": "fisher", "sigma": float(entry["fisher_noise_multiplier"]),
-            "q": float(entry["fisher_sample_rate"]), "steps": int(entry["fisher_steps"]),
-            "delta": float(entry["delta"])}
