@@ -6,7 +6,6 @@ import ast
 from functools import lru_cache
 from pathlib import Path
 
-import pytest
 
 PACKAGE = Path(__file__).parents[1] / "fedseek"
 # layers below the platform (the composition root): none of them may import it
