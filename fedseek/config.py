@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 PERIOD_SEPARATOR = "|"
+PARTITIONS = ("iid", "dirichlet")
 CODECS = ("none", "fp16", "int8", "int4")
 
 RULES = ("fedavg", "trimmed-mean", "median")

@@ -9,8 +9,9 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from fedseek.config import (CompressionSettings, DataSettings, EWCSettings, FederationSettings, FisherSettings,
-                            LoraSettings, OptimSettings, PrivacySettings, RobustSettings)
+from fedseek.config import (CODECS, METHODS, PARTITIONS, RECIPES, RULES, CompressionSettings, DataSettings,
+                            EWCSettings, FederationSettings, FisherSettings, LoraSettings, OptimSettings,
+                            PrivacySettings, RobustSettings)
 
 app = typer.Typer(help="FedSeek: federated, differentially private LoRA fine-tuning of DeepSeek "
                        "models across institutions that never share their records.",
@@ -19,39 +20,16 @@ console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True, highlight=False)
 
 
-class Partition(str, Enum):
-    iid = "iid"
-    dirichlet = "dirichlet"
+def _choices(name: str, values: tuple[str, ...]) -> type[Enum]:
+    """A str Enum of `values` (typer shows them as the option's choices; they live in fedseek.config)."""
+    return Enum(name, {v.replace("-", "_"): v for v in values}, type=str)
 
 
-class Method(str, Enum):
-    naive = "naive"
-    ewc = "ewc"
-    online_ewc = "online-ewc"
-    joint = "joint"
-
-
-class Compression(str, Enum):
-    none = "none"
-    fp16 = "fp16"
-    int8 = "int8"
-    int4 = "int4"
-
-
-class Robust(str, Enum):
-    fedavg = "fedavg"
-    trimmed_mean = "trimmed-mean"
-    median = "median"
-
-
-class Recipe(str, Enum):
-    probe = "probe"
-    lora = "lora"
-
-
-class Targets(str, Enum):
-    attention = "attention"
-    attention_mlp = "attention+mlp"
+Partition = _choices("Partition", PARTITIONS)
+Method = _choices("Method", METHODS)
+Compression = _choices("Compression", CODECS)
+Robust = _choices("Robust", RULES)
+Recipe = _choices("Recipe", RECIPES)
 
 
 @app.command()
