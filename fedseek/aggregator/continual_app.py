@@ -186,9 +186,8 @@ class ContinualRunner:
                 if counts is not None:
                     correct, total = correct + counts[0], total + counts[1]
                 releases += [release] if release else []
-        charge_counts = getattr(self.reporter, "charge_counts", None)  # the platform ledger, if tracked
-        if charge_counts is not None and releases:
-            charge_counts(pjob, releases)
+        if releases:
+            self.reporter.charge_counts(pjob, releases)  # the platform ledger, if tracked
         return min(max(correct / total, 0.0), 1.0) if total > 0 else float("nan")
 
     # -- sequences ----------------------------------------------------------------------------

@@ -28,6 +28,7 @@ class Reporter(Protocol):
     def checkpoint(self, round_number: int, tensors: dict[str, np.ndarray]) -> None: ...
     def round(self, row: dict) -> None: ...
     def should_continue(self) -> bool: ...
+    def charge_counts(self, job, entries: list[dict]) -> None: ...
     def finish(self, report: dict) -> None: ...
 
 
@@ -48,6 +49,10 @@ class SilentReporter:
     def should_continue(self) -> bool:
         """Asked after each committed round but the last: may the next round start?"""
         return True
+
+    def charge_counts(self, job, entries: list[dict]) -> None:
+        """Noised validation counts released by institutions (continual λ selection): a tracked
+        job charges them to the privacy ledger; an untracked one has no ledger."""
 
     def finish(self, report: dict) -> None:
         pass
