@@ -12,17 +12,14 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-PERIOD_SEPARATOR = "|"
-PARTITIONS = ("iid", "dirichlet")
-CODECS = ("none", "fp16", "int8", "int4")
-
-RULES = ("fedavg", "trimmed-mean", "median")
-
-METHODS = ("naive", "ewc", "online-ewc", "joint")
-
-GRANULARITIES = ("tensor", "row", "coordinate")
-
-RECIPES = ("probe", "lora")
+PERIOD_SEPARATOR = "|"  # between period names of a joint job
+# the choices of a setting (the CLI shows them; __post_init__/check refuse anything else)
+PARTITIONS = ("iid", "dirichlet")  # data.partition
+CODECS = ("none", "fp16", "int8", "int4")  # compression.codec
+RULES = ("fedavg", "trimmed-mean", "median")  # robust.rule
+METHODS = ("naive", "ewc", "online-ewc", "joint")  # ewc.method
+GRANULARITIES = ("tensor", "row", "coordinate")  # fisher.granularity
+RECIPES = ("probe", "lora")  # recipe.name
 
 
 @dataclass

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -26,6 +25,7 @@ from fedseek.aggregator.aggregation import StreamingAverage
 from fedseek.config import RobustSettings
 
 Tensors = Mapping[str, np.ndarray]
+
 
 def update_bytes(update: Tensors) -> int:
     return int(sum(np.asarray(v).nbytes for v in update.values()))

@@ -18,10 +18,10 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
+from fedseek.clients.recipe import Phase
+from fedseek.config import FisherSettings, OptimSettings, PrivacySettings
 from fedseek.continual.ewc import EWCState, add_penalty_gradient
 from fedseek.continual.fisher import add_noise, clipped_square_sums, expand, group_sums
-from fedseek.config import FisherSettings, OptimSettings, PrivacySettings
-from fedseek.clients.recipe import Phase
 from fedseek.models.classifier import AdapterClassifier, EncodedTexts
 from fedseek.models.lora import LoraTargetError
 from fedseek.privacy.accountant import History, default_delta, epsilon

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
 from fedseek.config import RecipeSettings
 
 TARGET_BATCH = 512

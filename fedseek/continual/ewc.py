@@ -16,9 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
 from fedseek.config import EWCSettings
 
 Tensors = dict[str, torch.Tensor]
+
 
 @dataclass
 class EWCState:

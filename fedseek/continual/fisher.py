@@ -12,11 +12,10 @@ adapter coordinates), so by default one value is released per tensor (`tensor`) 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 Tensors = dict[str, torch.Tensor]
+
 
 def clipped_square_sums(grad_samples: Tensors, clip_norm: float) -> Tensors:
     """Σ_records (clip(g_r))² per coordinate; `grad_samples[name]` has shape (records, *param)."""

@@ -7,10 +7,9 @@ the first layers and the shared experts (routed experts are fused 3-D parameters
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
+
 from fedseek.config import LoraSettings
 
 MLA_ATTENTION = ["q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]

@@ -18,9 +18,9 @@ A payload is a flat name -> array dict; the parts of a tensor carry the suffixes
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import numpy as np
+
 from fedseek.config import CompressionSettings
 
 Tensors = Mapping[str, np.ndarray]
