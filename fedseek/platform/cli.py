@@ -7,17 +7,15 @@ from enum import Enum
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
 from fedseek.config import (CODECS, METHODS, PARTITIONS, RECIPES, RULES, CompressionSettings, DataSettings,
                             EWCSettings, FederationSettings, FisherSettings, LoraSettings, OptimSettings,
                             PrivacySettings, RobustSettings)
+from fedseek.platform.cli_common import console, fail
 
 app = typer.Typer(help="FedSeek: federated, differentially private LoRA fine-tuning of DeepSeek "
                        "models across institutions that never share their records.",
                   no_args_is_help=True, add_completion=False)
-console = Console(soft_wrap=True)
-err_console = Console(stderr=True, soft_wrap=True, highlight=False)
 
 
 def _choices(name: str, values: tuple[str, ...]) -> type[Enum]:
@@ -162,8 +160,7 @@ def simulate(
             return
         print_cl_table(console, result)
     except (DataError, ValueError, SimulationError) as err:
-        err_console.print(f"[bold red]error:[/] {err}")
-        raise typer.Exit(code=2)
+        fail(str(err))
 
 
 def _path(value: Path | None) -> str | None:
@@ -225,8 +222,7 @@ app.command("continual")(continual)
 def report(path: Path = typer.Argument(Path("runs/latest/report.json"), help="A report.json.")) -> None:
     """Print a report.json written by `fedseek simulate`."""
     if not path.is_file():
-        err_console.print(f"[bold red]error:[/] {path}: no such file")
-        raise typer.Exit(code=2)
+        fail(f"{path}: no such file")
     json.dump(json.loads(path.read_text()), sys.stdout, indent=2)
     sys.stdout.write("\n")
 

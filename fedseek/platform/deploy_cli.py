@@ -12,22 +12,16 @@ import time
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
 from fedseek.config import DataSettings, FederationSettings, LoraSettings, OptimSettings, PrivacySettings
+from fedseek.platform.cli_common import console, fail
 
 deploy_app = typer.Typer(help="Real deployment: TLS certificates, SuperNode keys, SuperLink / SuperNode / "
                               "ServerApp / ClientApp services, registration and job launch.",
                          no_args_is_help=True)
-console = Console(soft_wrap=True)
 FEDERATION = "fedseek"
 CONTROL_PORT = 9093  # the SuperLink's control listener (Control + Runtime APIs), never published
 CONTROL = f"superlink:{CONTROL_PORT}"
-
-
-def _fail(message: str, code: int = 2):
-    Console(stderr=True, soft_wrap=True, highlight=False).print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code=code)
 
 
 def _exec(command: list[str], extra_env: dict[str, str] | None = None) -> None:
@@ -43,7 +37,7 @@ def _required(**values: str) -> None:
     """Compose passes unset variables as empty strings: name them instead of failing later."""
     empty = [name.replace("_", "-") for name, value in values.items() if not str(value or "").strip()]
     if empty:
-        _fail("empty " + ", ".join(f"--{name}" for name in empty) + " (is it set in the env file?)")
+        fail("empty " + ", ".join(f"--{name}" for name in empty) + " (is it set in the env file?)")
 
 
 def _refuse_placeholder_password() -> None:
@@ -51,7 +45,7 @@ def _refuse_placeholder_password() -> None:
     from fedseek.platform.deploy import placeholder_password
 
     if placeholder_password(os.environ.get("FEDSEEK_DB_URL")):
-        _fail("FEDSEEK_DB_URL carries an empty or example password (POSTGRES_PASSWORD in the env file): "
+        fail("FEDSEEK_DB_URL carries an empty or example password (POSTGRES_PASSWORD in the env file): "
               "set a random one (openssl rand -hex 24)")
 
 
@@ -60,12 +54,12 @@ def _checked(parse, value):
     try:
         return parse(value)
     except ValueError as err:
-        _fail(str(err))
+        fail(str(err))
 
 
 def _existing(path: Path, what: str) -> Path:
     if not Path(path).is_file():
-        _fail(f"{what} {path}: no such file")
+        fail(f"{what} {path}: no such file")
     return Path(path)
 
 
@@ -90,7 +84,7 @@ def keys(out: Path = typer.Option(Path("keys"), help="Directory for NAME.key and
     try:
         private, public = write_node_keys(out, institution)
     except (FileExistsError, ValueError) as err:
-        _fail(str(err))
+        fail(str(err))
     console.print(f"private key {private} (stays at {institution}); send {public} to the coordinator")
 
 
@@ -113,7 +107,7 @@ def superlink(certs: Path = typer.Option(Path("certs"), help="Directory made by 
     try:
         command = superlink_command(certs, state, host, port, control_host, control_port)
     except ValueError as err:
-        _fail(str(err))
+        fail(str(err))
     _exec(command)
 
 
@@ -147,7 +141,7 @@ def register(superlink: str = typer.Option(CONTROL, help="The SuperLink's contro
     try:
         digest = public_key_sha256(_existing(public_key, "public key"))
     except ValueError as err:
-        _fail(str(err))
+        fail(str(err))
     with tempfile.TemporaryDirectory() as home:
         write_flwr_config(Path(home), FEDERATION, superlink, _existing(ca, "CA"))
         proc = subprocess.run([flwr_binary(), "supernode", "register", str(public_key), FEDERATION, "--name", institution,
@@ -155,14 +149,14 @@ def register(superlink: str = typer.Option(CONTROL, help="The SuperLink's contro
                               capture_output=True, text=True, timeout=120)
     node_id = json_field(proc.stdout, "node-id")
     if proc.returncode or node_id is None:
-        _fail(f"SuperLink {superlink} refused the registration: {(proc.stdout + proc.stderr).strip()[-800:]}")
+        fail(f"SuperLink {superlink} refused the registration: {(proc.stdout + proc.stderr).strip()[-800:]}")
     try:
         with session_scope(settings.database_url) as session:
             row = bind_node(session, institution, int(node_id), digest, settings.default_epsilon_max)
             if epsilon_max is not None:
                 row.epsilon_max = epsilon_max
     except NodeIdentityError as err:
-        _fail(str(err))
+        fail(str(err))
     console.print(f"{institution}: registered as node {node_id}")
 
 
@@ -253,7 +247,7 @@ def run(superlink: str = typer.Option(CONTROL, help="The SuperLink's control lis
     job.federation.rejoin_wait = rejoin_wait
     flat = _checked(job.with_overrides, set_).to_flat()
     if resume and not track:
-        _fail("--resume continues a platform job: it cannot be combined with --no-track")
+        fail("--resume continues a platform job: it cannot be combined with --no-track")
     directory = app_dir or app_directory()
     with tempfile.TemporaryDirectory() as home:
         write_flwr_config(Path(home), FEDERATION, superlink, _existing(ca, "CA"))
@@ -265,7 +259,7 @@ def run(superlink: str = typer.Option(CONTROL, help="The SuperLink's control lis
                                             str(run_config), "--stream"], env)
         status = run_status(run_id, env, FEDERATION) if run_id else None
     if returncode or status != "finished:completed":  # `flwr run` exits 0 even when the ServerApp failed
-        _fail(f"the federated job failed (flwr run exit {returncode}, run {run_id} status {status}); "
+        fail(f"the federated job failed (flwr run exit {returncode}, run {run_id} status {status}); "
               "see the ServerApp log above", returncode or 1)
     console.print(f"job finished; report and adapter in {job.federation.out} on the ServerApp host")
 
