@@ -33,9 +33,9 @@ from torch import nn
 
 from bench_io import RESULTS, machine
 from fedseek.config import JobConfig
-from fedseek.data.plan import data_arguments
 from fedseek.data.loader import LabelledTexts
 from fedseek.data.partition import stratified_split
+from fedseek.data.plan import data_arguments
 from fedseek.data.tasks import FederatedData, load_federated_data
 from fedseek.privacy.accountant import default_delta
 from fedseek.privacy.randomness import noise_source

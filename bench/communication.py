@@ -18,8 +18,8 @@ import numpy as np
 
 from bench_io import RESULTS, pyplot, save_figure, write_json
 from inprocess_federation import InProcessJob, run
-from fedseek.wire.compression import encode, payload_bytes
 from fedseek.config import CompressionSettings
+from fedseek.wire.compression import encode, payload_bytes
 
 SETTINGS = [("none", 0.0), ("fp16", 0.0), ("int8", 0.0), ("int4", 0.0), ("int8", 0.25), ("int8", 0.1)]
 TRAINED = ["none", "int8", "int4", "int8+top25%"]  # accuracy measured (2-core budget); bytes for all

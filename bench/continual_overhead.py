@@ -16,12 +16,12 @@ import time
 import torch
 
 from bench_io import pyplot, save_figure, write_json
-from fedseek.privacy.randomness import noise_source
 from fedseek.clients.dp_trainer import LocalTrainer
 from fedseek.config import FisherSettings, JobConfig, LoraSettings, OptimSettings, PrivacySettings
-from fedseek.data.plan import job_data
 from fedseek.continual.ewc import EWCState
+from fedseek.data.plan import job_data
 from fedseek.models.classifier import AdapterClassifier
+from fedseek.privacy.randomness import noise_source
 
 
 def main() -> None:

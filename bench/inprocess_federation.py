@@ -18,12 +18,12 @@ import torch
 
 import bench_io  # noqa: F401 - one torch thread on the shared machine
 from fedseek.aggregator.aggregation import StreamingAverage
-from fedseek.wire.compression import apply_delta, compress, decode, delta_between, payload_bytes
-from fedseek.config import CompressionSettings, LoraSettings, OptimSettings, PrivacySettings
 from fedseek.clients.dp_trainer import LocalTrainer
+from fedseek.config import CompressionSettings, LoraSettings, OptimSettings, PrivacySettings
 from fedseek.data.tasks import load_federated_data
 from fedseek.models.classifier import AdapterClassifier
 from fedseek.models.lora import load_trainable_state, trainable_state
+from fedseek.wire.compression import apply_delta, compress, decode, delta_between, payload_bytes
 
 
 @dataclass

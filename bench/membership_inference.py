@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 import bench_io
-from fedseek.config import LoraSettings, OptimSettings, PrivacySettings, RobustSettings
 from fedseek.clients.dp_trainer import LocalTrainer
+from fedseek.config import LoraSettings, OptimSettings, PrivacySettings, RobustSettings
 from fedseek.data.partition import stratified_split
 from fedseek.data.tasks import load_federated_data
 from fedseek.models.classifier import AdapterClassifier, EncodedTexts

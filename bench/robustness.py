@@ -17,8 +17,8 @@ import torch
 
 import bench_io
 from fedseek.aggregator.robust import RobustAggregate, clip_delta, delta_norm, norm_outliers
-from fedseek.config import LoraSettings, OptimSettings, PrivacySettings, RobustSettings
 from fedseek.clients.dp_trainer import LocalTrainer
+from fedseek.config import LoraSettings, OptimSettings, PrivacySettings, RobustSettings
 from fedseek.data.tasks import load_federated_data
 from fedseek.models.classifier import AdapterClassifier
 from fedseek.models.lora import load_trainable_state, trainable_state

@@ -28,8 +28,8 @@ import numpy as np
 
 from bench_io import RESULTS, own_platform_env, pyplot, save_figure, write_json
 from fedseek.aggregator.aggregation import StreamingAverage, weighted_average
-from fedseek.wire.compression import decode, encode
 from fedseek.config import CompressionSettings
+from fedseek.wire.compression import decode, encode
 
 
 def adapter_shapes() -> dict[str, tuple]:

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 
-from fedseek.wire.compression import compress, delta_between
-from fedseek.config import CompressionSettings, RobustSettings
 from fedseek.aggregator.robust import delta_norm
 from fedseek.aggregator.strategy import AdapterFedAvg
+from fedseek.config import CompressionSettings, RobustSettings
+from fedseek.wire.compression import compress, delta_between
 
 RNG = np.random.default_rng(0)
 GLOBAL = {"layer.lora_A.weight": RNG.normal(size=(4, 16)).astype(np.float32),

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from fedseek.aggregator.aggregation import StreamingAverage, weighted_average
-from fedseek.wire.compression import apply_delta, compress, decode, delta_between, encode, payload_bytes
 from fedseek.config import CompressionSettings
+from fedseek.wire.compression import apply_delta, compress, decode, delta_between, encode, payload_bytes
 
 
 def adapter_like(seed: int = 0) -> dict[str, np.ndarray]:

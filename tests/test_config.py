@@ -5,8 +5,8 @@ import pytest
 from flwr.app import ConfigRecord
 from flwr.common.config import flatten_dict
 
-from fedseek.platform.flower_app import job_from_run_config, run_config_defaults
 from fedseek.config import JobConfig
+from fedseek.platform.flower_app import job_from_run_config, run_config_defaults
 
 
 def test_job_config_round_trips_through_a_config_record():

@@ -8,8 +8,8 @@ import torch
 
 from fedseek.aggregator.reply_trust import train_plan
 from fedseek.clients.dp_trainer import LocalTrainer
-from fedseek.config import JobConfig, LoraSettings, OptimSettings, PrivacySettings, RecipeSettings
 from fedseek.clients.recipe import Phase, apply_rule, probe_rule, round_phase
+from fedseek.config import JobConfig, LoraSettings, OptimSettings, PrivacySettings, RecipeSettings
 from fedseek.models.classifier import AdapterClassifier
 from fedseek.models.features import ProbeHead, public_stats
 from fedseek.models.lora import LoraTargetError, trainable_state

@@ -5,9 +5,9 @@ import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
+from fedseek.config import EWCSettings
 from fedseek.continual.ewc import (EWCState, add_penalty_gradient, consolidate, normalise_fisher, penalty,
                                    penalty_gradient)
-from fedseek.config import EWCSettings
 
 
 def test_penalty_and_gradient_match_hand_computed_case():

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import torch
 
-from fedseek.privacy.randomness import noise_source
 from fedseek.clients.dp_trainer import LocalTrainer
 from fedseek.config import EWCSettings, FisherSettings, JobConfig, LoraSettings, OptimSettings, PrivacySettings
-from fedseek.data.plan import job_data, period_names
 from fedseek.continual.ewc import EWCState, consolidate, normalise_fisher
 from fedseek.continual.fisher import restrict_rows
+from fedseek.data.plan import job_data, period_names
 from fedseek.models.classifier import AdapterClassifier
+from fedseek.privacy.randomness import noise_source
 
 
 def test_ewc_forgets_less_than_naive_under_dp():

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedseek.privacy.randomness import noise_source
 from fedseek.clients.dp_trainer import LocalTrainer
 from fedseek.config import FisherSettings, LoraSettings, OptimSettings, PrivacySettings
 from fedseek.continual.ewc import EWCState
 from fedseek.continual.fisher import clipped_square_sums, expand, group_sums, restrict_rows, weighted_fisher
 from fedseek.models.classifier import AdapterClassifier
 from fedseek.privacy.accountant import default_delta, epsilon
+from fedseek.privacy.randomness import noise_source
 
 
 def test_clipped_square_sums_bound_each_records_contribution_by_c_squared():

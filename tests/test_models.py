@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
+from fedseek.config import LoraSettings
 from fedseek.models.classifier import AdapterClassifier
 from fedseek.models.loading import ModelLoadError, load_classifier, load_tokenizer
 from fedseek.models.lora import LoraTargetError, resolve_targets
-from fedseek.config import LoraSettings
 
 EXPECTED = {
     "deepseek_v2": ["q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"],  # q_lora_rank=None

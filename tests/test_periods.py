@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from fedseek.config import JobConfig
-from fedseek.data.plan import job_data, period_names
 from fedseek.data.loader import DataError, LabelledTexts
 from fedseek.data.periods import plan_periods
+from fedseek.data.plan import job_data, period_names
 
 
 def _job(task: str, scheme: str, **data) -> JobConfig:

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from fedseek.aggregator.robust import RobustAggregate, delta_norm, norm_outliers
-from fedseek.config import LoraSettings, OptimSettings, PrivacySettings, RobustSettings
 from fedseek.clients.dp_trainer import LocalTrainer
+from fedseek.config import LoraSettings, OptimSettings, PrivacySettings, RobustSettings
 from fedseek.data.tasks import load_federated_data
 from fedseek.models.classifier import AdapterClassifier
 from fedseek.models.lora import load_trainable_state, trainable_state

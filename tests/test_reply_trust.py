@@ -20,9 +20,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, Metadata,
 
 from fedseek.aggregator.continual_app import ContinualRunner
 from fedseek.aggregator.reply_trust import Plans, ReplyTrust, train_plan
-from fedseek.config import JobConfig, RobustSettings
 from fedseek.aggregator.server_app import CensusError, _round_row, census
 from fedseek.aggregator.strategy import AdapterFedAvg
+from fedseek.config import JobConfig, RobustSettings
 from fedseek.data.tasks import FederatedData
 
 RNG = np.random.default_rng(0)

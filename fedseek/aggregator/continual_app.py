@@ -32,10 +32,10 @@ from fedseek.aggregator.rounds import Reporter, SilentReporter, run_rounds
 from fedseek.aggregator.server_app import _round_row, build_report, census, reply_trust
 from fedseek.aggregator.strategy import AdapterFedAvg, reply_origin
 from fedseek.config import PERIOD_SEPARATOR, JobConfig
-from fedseek.data.plan import job_data, period_names
 from fedseek.continual.ewc import EWCState, consolidate, normalise_fisher
 from fedseek.continual.fisher import restrict_rows, weighted_fisher
 from fedseek.continual.report import cl_summary, heatmap_png
+from fedseek.data.plan import job_data, period_names
 from fedseek.models.classifier import AdapterClassifier
 from fedseek.models.lora import load_trainable_state, trainable_state
 from fedseek.wire.arrays import to_record, to_tensors

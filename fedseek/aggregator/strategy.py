@@ -27,12 +27,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedseek.wire.arrays import to_record
-from fedseek.wire.compression import apply_delta, decode
-from fedseek.config import CompressionSettings, RobustSettings
 from fedseek.aggregator.reply_trust import ReplyTrust, charge
 from fedseek.aggregator.robust import (RobustAggregate, clip_delta, delta_norm, norm_outliers, update_byte_limit,
                                       validate_update)
+from fedseek.config import CompressionSettings, RobustSettings
+from fedseek.wire.arrays import to_record
+from fedseek.wire.compression import apply_delta, decode
 
 logger = logging.getLogger("fedseek")
 

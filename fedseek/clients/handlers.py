@@ -25,21 +25,21 @@ from functools import lru_cache
 import numpy as np
 from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
 
-from fedseek.wire.arrays import to_record, to_tensors
-from fedseek.wire.compression import compress, delta_between
-from fedseek.config import PERIOD_SEPARATOR, CompressionSettings, JobConfig
 from fedseek.clients.dp_trainer import LocalTrainer
 from fedseek.clients.recipe import round_phase
 from fedseek.clients.site_guard import SiteGuard
 from fedseek.clients.site_policy import PolicyRefusal
-from fedseek.data.plan import job_data
+from fedseek.config import PERIOD_SEPARATOR, CompressionSettings, JobConfig
 from fedseek.continual.ewc import EWCState
 from fedseek.data.loader import LabelledTexts, read_labelled_file
 from fedseek.data.periods import Period, split_validation
+from fedseek.data.plan import job_data
 from fedseek.models.classifier import AdapterClassifier, EncodedTexts
 from fedseek.models.lora import load_trainable_state, trainable_state
 from fedseek.privacy.accountant import default_delta, epsilon
 from fedseek.privacy.planning import reserved_releases
+from fedseek.wire.arrays import to_record, to_tensors
+from fedseek.wire.compression import compress, delta_between
 
 logger = logging.getLogger("fedseek.clients")
 PRIVACY_STATE = "privacy-history"

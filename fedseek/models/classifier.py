@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedseek.config import LoraSettings
 from fedseek.models.features import ProbeHead, decoder_of, pool, public_stats
 from fedseek.models.loading import load_classifier, load_tokenizer
 from fedseek.models.lora import apply_lora, first_adapted_layer
-from fedseek.config import LoraSettings
 
 
 @dataclass

@@ -103,7 +103,7 @@ def stats_of(features: torch.Tensor, components: int = COMPONENTS) -> dict[str, 
     return {"mean": mean.contiguous(), "std": std.contiguous(), "projection": (vh[:k].T / scale).contiguous()}
 
 
-def compute_public_stats(base: str | None, max_length: int = 64) -> dict[str, torch.Tensor]:
+def compute_public_stats(base: str | None, max_length: int = SHIPPED_MAX_LENGTH) -> dict[str, torch.Tensor]:
     """`stats_of` the multi-layer features over the public pretraining slice (deterministic)."""
     from fedseek.data.tasks import public_pretraining_texts
     from fedseek.models.loading import load_classifier, load_tokenizer
