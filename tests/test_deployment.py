@@ -67,6 +67,8 @@ def test_two_round_dp_job_over_tls_with_node_auth_is_recorded_by_the_platform(fe
     assert {name: count for name, count, _ in ledger} == {name: 2 for name in SITES}
     assert all(abs(eps - report["epsilon"][name]) < 1e-6 for name, _, eps in ledger)
     assert set(nodes) == set(SITES) and all(nodes.values())
+    # each site's own privacy history lives under its FEDSEEK_HOME, never in the user's ~/.fedseek
+    assert all((root / "home" / "site" / f"{name}.privacy.db").is_file() for name in SITES)
     from mlflow.tracking import MlflowClient
 
     run = MlflowClient(env["FEDSEEK_MLFLOW_URI"]).get_run(run_id)

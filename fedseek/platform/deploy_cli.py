@@ -180,13 +180,18 @@ def supernode(superlink: str = typer.Option("superlink:8000", help="The SuperLin
                                          "spaces, e.g. 'epsilon-budget=6 max-job-epsilon=4 min-noise-multiplier=0.8' "
                                          "(keys: fedseek.clients.site_policy.SitePolicy; enforced by the ClientApp "
                                          "whatever the coordinator asks)."),
-              state_dir: Path = typer.Option(Path("~/.fedseek/site"), help="Durable directory of the site's own "
-                                             "privacy history (must survive restarts; shared with the Ray worker).")) -> None:
+              state_dir: Path = typer.Option(None, help="Durable directory of the site's own privacy history "
+                                             "(must survive restarts; shared with the Ray worker) "
+                                             "[default: $FEDSEEK_HOME/site].")) -> None:
     """Run this institution's SuperNode (TLS to the SuperLink, authenticated by its key)."""
     _required(superlink=superlink, institution=institution)
     from fedseek.platform.deploy import CertPaths, site_policy_config, supernode_command
 
     _existing(data, "data file")
+    if state_dir is None:
+        from fedseek.platform.settings import PlatformSettings
+
+        state_dir = PlatformSettings().home_dir / "site"
     config = {"institution": institution, "data-path": str(Path(data).resolve()), "ray-address": ray_address,
               "num-gpus": num_gpus, "num-cpus": num_cpus, "state-dir": str(state_dir.expanduser()),
               **_checked(site_policy_config, policy)}
