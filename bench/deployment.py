@@ -24,7 +24,7 @@ SITES = ("bank_a", "bank_b", "bank_c")
 
 
 def deployed(root: Path, files: dict[str, Path], rounds: int, steps: int) -> dict:
-    from fedseek.platform.deploy_local import LocalFederation
+    from fedseek.platform.deploy.local import LocalFederation
 
     env = {**os.environ, "FEDSEEK_HOME": str(root / "home"), "FEDSEEK_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1"}
     fed = LocalFederation(root, env)
@@ -119,7 +119,7 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory(prefix="fedseek-bench-deploy-") as tmp:
         root = Path(tmp)
-        from fedseek.platform.deploy_local import write_demo_sites
+        from fedseek.platform.deploy.local import write_demo_sites
 
         files = write_demo_sites(root, SITES, args.rows)
         deploy = deployed(root, files, args.rounds, args.local_steps)

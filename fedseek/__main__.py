@@ -1,3 +1,3 @@
-from fedseek.platform.cli import main
+from fedseek.platform.cli.main import main
 
 main()

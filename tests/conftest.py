@@ -42,14 +42,14 @@ def banking():
 # --- real servers for the platform tests (MLflow, PostgreSQL), started on free loopback ports ---
 
 
-from fedseek.platform.deploy_local import free_port  # noqa: E402,F401  (one free-port helper)
+from fedseek.platform.deploy.local import free_port  # noqa: E402,F401  (one free-port helper)
 
 
 @contextlib.contextmanager
 def sqlite_federation(root, sites=("bank_a", "bank_b", "bank_c"), rows: int = 160):
     """A started `LocalFederation` of `sites` with a SQLite platform DB and MLflow's SQLite store
     under `root`; stopped (every process) when the block ends."""
-    from fedseek.platform.deploy_local import LocalFederation, write_demo_sites
+    from fedseek.platform.deploy.local import LocalFederation, write_demo_sites
 
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "FEDSEEK_HOME": str(root / "home"),
            "FEDSEEK_DB_URL": f"sqlite:///{root / 'platform.db'}", "FEDSEEK_DEFAULT_EPSILON_MAX": "20",

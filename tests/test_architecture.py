@@ -107,3 +107,12 @@ def test_modules_are_short():
     long = {str(p.relative_to(PACKAGE.parent)): n for p in modules().values()
             if "migrations" not in p.parts and (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+def test_the_platform_is_in_wings_around_its_composition_root():
+    """platform/ holds only the `flwr run` entry (the composition root) beside its five wings."""
+    platform = PACKAGE / "platform"
+    loose = sorted(p.name for p in platform.glob("*.py") if p.name not in ("__init__.py", "flower_app.py"))
+    assert not loose, f"platform modules outside a wing (cli/ store/ mlflow/ run/ deploy/): {loose}"
+    assert sorted(p.name for p in platform.iterdir() if p.is_dir() and p.name != "__pycache__") == \
+        ["cli", "deploy", "mlflow", "run", "store"]

@@ -12,8 +12,8 @@ from sqlalchemy import create_engine, text
 SCRIPT = r"""
 import sys
 from fedseek.config import JobConfig
-from fedseek.platform.db import Institution, Job, LedgerEntry, get_or_create_task, session_scope
-from fedseek.platform.jobs import run_job
+from fedseek.platform.store.db import Institution, Job, LedgerEntry, get_or_create_task, session_scope
+from fedseek.platform.run.jobs import run_job
 from sqlalchemy import select
 
 class ConcurrentCharge:

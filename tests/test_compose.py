@@ -153,7 +153,7 @@ def test_institution_commands():
         "--num-gpus", env["WORKER_NUM_GPUS"], "--num-cpus", env["WORKER_NUM_CPUS"],
         "--local-certs", "/run/secrets/site-",  # TLS on the site link too
         "--policy", env["SITE_POLICY"], "--state-dir", "/var/lib/fedseek-site"]  # the site's own privacy policy
-    from fedseek.platform.deploy import site_policy_config
+    from fedseek.platform.deploy.stack import site_policy_config
 
     assert site_policy_config(env["SITE_POLICY"])  # the example policy parses
     # its durable history is on one volume shared by the ClientApp and the Ray worker (where handlers run)
@@ -279,7 +279,7 @@ def test_only_the_fleet_api_is_published():
     API: `flwr run`, node registration, stop; Runtime API) is published by no service, and the
     coordinator's own containers reach it on the compose network (tests/test_control_plane.py
     plays an institution against these listeners)."""
-    from fedseek.platform.deploy_cli import CONTROL
+    from fedseek.platform.cli.deploy import CONTROL
 
     coord = active("coordinator")
     command = coord["superlink"]["command"]
@@ -401,12 +401,12 @@ def test_dockerignore_keeps_secrets_and_state_out_of_the_image():
 @needs_compose
 def test_commands_parse_with_the_fedseek_cli():
     """Each `fedseek ...` command line of the compose file is accepted by the CLI's parser."""
-    deploy_cli = pytest.importorskip("fedseek.platform.deploy_cli",
-                                     reason="fedseek.platform.deploy_cli not in this checkout yet")
+    deploy_cli = pytest.importorskip("fedseek.platform.cli.deploy",
+                                     reason="fedseek.platform.cli.deploy not in this checkout yet")
     import click
     import typer
 
-    from fedseek.platform.cli import app
+    from fedseek.platform.cli.main import app
 
     del deploy_cli
     root = typer.main.get_command(app)

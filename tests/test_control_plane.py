@@ -21,9 +21,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from fedseek.platform.control_plane import REFUSAL
-from fedseek.platform.deploy import write_flwr_config
-from fedseek.platform.deploy_local import BIN, LocalFederation, free_port
+from fedseek.platform.deploy.control_plane import REFUSAL
+from fedseek.platform.deploy.local import BIN, LocalFederation, free_port
+from fedseek.platform.deploy.stack import write_flwr_config
 
 FOREIGN_APP = {
     "pyproject.toml": """[build-system]
@@ -165,7 +165,7 @@ def test_a_supernode_without_a_registered_key_cannot_register_itself(link):
 
 
 def test_the_control_port_must_differ_from_the_published_port(tmp_path):
-    from fedseek.platform.deploy import superlink_command
+    from fedseek.platform.deploy.stack import superlink_command
 
     with pytest.raises(ValueError, match="must not share the published port"):
         superlink_command(tmp_path, tmp_path, "0.0.0.0", 8000, "0.0.0.0", 8000)

@@ -13,8 +13,8 @@ from sqlalchemy import create_engine, inspect, text
 
 from fedseek.config import JobConfig
 from fedseek.data.plan import data_scope, dataset_fingerprint
-from fedseek.platform import ledger
-from fedseek.platform.db import session_scope, upgrade
+from fedseek.platform.store import ledger
+from fedseek.platform.store.db import session_scope, upgrade
 from fedseek.privacy.accountant import epsilon
 from fedseek.privacy.ledger_math import DataScope, Release, institution_epsilon
 
@@ -118,8 +118,8 @@ def test_keys_round_trip_any_names_and_fit_the_column():
 
 def test_preflight_refuses_a_reslicing_job_that_the_period_only_scope_let_through(tmp_path, monkeypatch):
     """Real reporter pre-flight on a real SQLite DB: 3-group history, then a 2-group job."""
-    from fedseek.platform.reporter import PlatformReporter
-    from fedseek.platform.settings import load_settings
+    from fedseek.platform.run.reporter import PlatformReporter
+    from fedseek.platform.store.settings import load_settings
 
     monkeypatch.setenv("FEDSEEK_DB_URL", f"sqlite:///{tmp_path / 'p.db'}")
     monkeypatch.setenv("FEDSEEK_HOME", str(tmp_path / "home"))
@@ -163,7 +163,7 @@ def test_migration_widens_scope_columns_and_keeps_legacy_entries(tmp_path):
                                 "sigma, q, steps, clip, delta, epsilon_after, epsilon_rdp_after, created_at) VALUES "
                                 f"(1, 1, 1, 'train', '2005-2009', {T[0]}, {T[1]}, {T[2]}, 1, 1e-5, 1, 1, '2026-01-01')"))
     with session_scope(url) as session:  # opening it migrates it to head
-        from fedseek.platform.db import Institution
+        from fedseek.platform.store.db import Institution
 
         bank = session.query(Institution).filter_by(name="bank_a").one()
         ledger.add_entries(session, 1, 2, [{"institution": "bank_a", "kind": "train", "sigma": T[0], "q": T[1],

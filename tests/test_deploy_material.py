@@ -9,9 +9,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
-from fedseek.platform.deploy import (CertPaths, certificate_hosts, superlink_command, supernode_command,
+from fedseek.platform.deploy.stack import (CertPaths, certificate_hosts, superlink_command, supernode_command,
                                      write_certs, write_flwr_config, write_node_keys)
-from fedseek.platform.nodes import public_key_sha256
+from fedseek.platform.store.nodes import public_key_sha256
 
 
 def test_server_certificate_is_signed_by_the_ca_for_the_given_hosts_and_keys_are_private(tmp_path):
@@ -71,8 +71,8 @@ def test_flwr_config_keeps_other_federations(tmp_path):
 
 
 def test_a_node_may_only_report_the_institution_its_key_was_registered_as(tmp_path):
-    from fedseek.platform.db import session_scope
-    from fedseek.platform.nodes import NodeIdentityError, bind_node, verify_node_identities
+    from fedseek.platform.store.db import session_scope
+    from fedseek.platform.store.nodes import NodeIdentityError, bind_node, verify_node_identities
 
     url = f"sqlite:///{tmp_path / 'platform.db'}"
     with session_scope(url) as session:
@@ -90,8 +90,8 @@ def test_a_node_may_only_report_the_institution_its_key_was_registered_as(tmp_pa
 def test_coordinator_commands_refuse_an_example_db_password(tmp_path):
     from typer.testing import CliRunner
 
-    from fedseek.platform.deploy import placeholder_password
-    from fedseek.platform.deploy_cli import deploy_app
+    from fedseek.platform.deploy.stack import placeholder_password
+    from fedseek.platform.cli.deploy import deploy_app
 
     for password in ("change-me-openssl-rand-hex-24", "", "Postgres", "my-placeholder-pw"):
         assert placeholder_password(f"postgresql+psycopg://fedseek:{password}@postgres:5432/fedseek"), password

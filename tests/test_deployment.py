@@ -16,7 +16,7 @@ import pytest
 from conftest import start_mlflow_server, stop
 from sqlalchemy import create_engine, text
 
-from fedseek.platform.deploy_local import BIN, LocalFederation, deploy_command, free_port, write_demo_sites
+from fedseek.platform.deploy.local import BIN, LocalFederation, deploy_command, free_port, write_demo_sites
 
 SITES = ("bank_a", "bank_b", "bank_c")
 ROWS_PER_SITE = 160

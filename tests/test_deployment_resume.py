@@ -17,7 +17,7 @@ import pytest
 from conftest import sqlite_federation
 from sqlalchemy import create_engine, text
 
-from fedseek.platform.deploy_local import deploy_command
+from fedseek.platform.deploy.local import deploy_command
 
 SITES = ("bank_a", "bank_b", "bank_c")
 

@@ -13,7 +13,7 @@ from fedseek.config import JobConfig, LoraSettings, OptimSettings, PrivacySettin
 from fedseek.models.classifier import AdapterClassifier
 from fedseek.models.features import ProbeHead, public_stats
 from fedseek.models.lora import LoraTargetError, trainable_state
-from fedseek.platform.ledger import planned_releases
+from fedseek.platform.store.ledger import planned_releases
 
 PRIVATE = PrivacySettings(noise_multiplier=0.8, clip_norm=1.0, reproducible_noise=True)
 
@@ -129,7 +129,7 @@ def test_every_preset_under_dp_trains_or_is_refused_before_training(site, target
 
 
 def test_cli_preflight_refuses_an_untrainable_preset_only_under_dp():
-    from fedseek.platform.cli import _preflight
+    from fedseek.platform.cli.main import _preflight
 
     job = JobConfig()
     job.lora = LoraSettings(targets="attention+mlp", top_layers=0)

@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 from sqlalchemy import select
 
 from fedseek.config import JobConfig
-from fedseek.platform import ledger
-from fedseek.platform.db import Institution, Job, LedgerEntry, get_or_create_task, session_scope
+from fedseek.platform.store import ledger
+from fedseek.platform.store.db import Institution, Job, LedgerEntry, get_or_create_task, session_scope
 from fedseek.privacy.accountant import epsilon
 from fedseek.privacy.ledger_math import DataScope, Release, institution_epsilon
 

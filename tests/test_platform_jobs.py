@@ -139,8 +139,8 @@ def test_champion_downloaded_from_the_registry_loads_with_stock_peft(platform, t
 
     from fedseek.models.classifier import pooled_logits
     from fedseek.models.loading import load_classifier, load_tokenizer
-    from fedseek.platform.registry import download
-    from fedseek.platform.reporter import adapter_sha256
+    from fedseek.platform.mlflow.registry import download
+    from fedseek.platform.run.reporter import adapter_sha256
 
     client = client_for(platform)
     champion = client.get_registered_model(MODEL).aliases["champion"]

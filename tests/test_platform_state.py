@@ -12,10 +12,10 @@ from sqlalchemy import func, inspect, select
 
 from fedseek.config import JobConfig
 from fedseek.data.tasks import load_federated_data
-from fedseek.platform import ledger
-from fedseek.platform.db import Institution, Job, LedgerEntry, Period, Round, engine_for, session_scope, upgrade
-from fedseek.platform.reporter import PlatformReporter
-from fedseek.platform.settings import PlatformSettings
+from fedseek.platform.run.reporter import PlatformReporter
+from fedseek.platform.store import ledger
+from fedseek.platform.store.db import Institution, Job, LedgerEntry, Period, Round, engine_for, session_scope, upgrade
+from fedseek.platform.store.settings import PlatformSettings
 from fedseek.privacy.accountant import epsilon
 from fedseek.privacy.ledger_math import DataScope
 
@@ -70,7 +70,7 @@ def test_an_older_schema_keeps_its_rows_and_is_migrated_forward_on_first_use(db_
     from alembic import command
     from alembic.config import Config
 
-    from fedseek.platform import db
+    from fedseek.platform.store import db
 
     upgrade(db_url, "0001")  # a DB written by the previous release
     with db.engine_for(db_url).begin() as connection:

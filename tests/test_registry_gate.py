@@ -2,7 +2,7 @@
 and every institution within budget; each answer carries its reason."""
 from __future__ import annotations
 
-from fedseek.platform.registry import Limits, gate
+from fedseek.platform.mlflow.registry import Limits, gate
 
 
 def test_gate_decisions_and_reasons():

@@ -130,9 +130,9 @@ def test_a_spoofed_institution_name_changes_no_attribution_in_round_log_or_ledge
     from sqlalchemy import select
 
     from fedseek.data.tasks import load_federated_data
-    from fedseek.platform.db import LedgerEntry, session_scope
-    from fedseek.platform.reporter import PlatformReporter
-    from fedseek.platform.settings import PlatformSettings
+    from fedseek.platform.store.db import LedgerEntry, session_scope
+    from fedseek.platform.run.reporter import PlatformReporter
+    from fedseek.platform.store.settings import PlatformSettings
 
     data = load_federated_data("banking77", institutions=3, max_train_rows=240)
     nodes = {11: "bank_a", 12: "bank_b", 13: "bank_c"}

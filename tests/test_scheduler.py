@@ -12,8 +12,8 @@ import time
 import pytest
 from sqlalchemy import inspect, select, text
 
-from fedseek.platform.db import Institution, Schedule, engine_for, session_scope
-from fedseek.platform.scheduler import _task_lock, add_schedule, build_scheduler, run_schedule
+from fedseek.platform.run.scheduler import _task_lock, add_schedule, build_scheduler, run_schedule
+from fedseek.platform.store.db import Institution, Schedule, engine_for, session_scope
 
 TINY = ["--max-train-rows", "120", "--rounds", "1", "--local-steps", "2", "--epsilon", "2"]
 

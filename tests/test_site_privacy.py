@@ -167,9 +167,9 @@ def test_validation_counts_are_noised_and_charged_unless_the_site_allows_exact(s
 def test_seeded_noise_is_refused_by_deployed_and_tracked_jobs(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from fedseek.platform.cli import app
-    from fedseek.platform.jobs import refuse_reproducible_noise
-    from fedseek.platform.settings import PlatformSettings
+    from fedseek.platform.cli.main import app
+    from fedseek.platform.run.jobs import refuse_reproducible_noise
+    from fedseek.platform.store.settings import PlatformSettings
 
     job = JobConfig.from_flat(job_config(privacy__reproducible_noise=True))
     with pytest.raises(ValueError, match="privacy.reproducible_noise"):
@@ -186,7 +186,7 @@ def test_seeded_noise_is_refused_by_deployed_and_tracked_jobs(tmp_path, monkeypa
 
 
 def test_a_policy_typo_stops_the_supernode():
-    from fedseek.platform.deploy import site_policy_config
+    from fedseek.platform.deploy.stack import site_policy_config
 
     assert site_policy_config("epsilon-budget=6 require-dp=true") == {"epsilon-budget": "6", "require-dp": "true"}
     for bad in ("epsilon-budgt=6", "epsilon-budget=abc", "validation-counts=sometimes", "require-dp=maybe"):

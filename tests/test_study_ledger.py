@@ -95,8 +95,8 @@ def test_noised_validation_counts_are_charged_to_the_bound_institution(tmp_path,
     from fedseek.aggregator.continual_app import ContinualRunner
     from fedseek.config import JobConfig
     from fedseek.data.plan import data_scope, dataset_fingerprint
-    from fedseek.platform.reporter import PlatformReporter
-    from fedseek.platform.settings import load_settings
+    from fedseek.platform.run.reporter import PlatformReporter
+    from fedseek.platform.store.settings import load_settings
     from fedseek.privacy.ledger_math import DataScope
 
     from flwr.supercore.task_identity import TaskIdentity

@@ -6,7 +6,7 @@ import json
 
 from conftest import free_port, start_mlflow_server, stop
 
-from fedseek.platform.tracking import Outbox, flush_all
+from fedseek.platform.mlflow.tracking import Outbox, flush_all
 
 
 def test_outbox_keeps_records_while_server_is_down_and_flushes_them_later(tmp_path):

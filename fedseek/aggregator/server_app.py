@@ -42,7 +42,7 @@ def run_federation(grid: Grid, job: JobConfig, reporter: Reporter | None = None,
     `sites`: the institutions as a census found them (deployment), reported instead of the
     server's own view of the data; `nodes`: node id -> institution, the only nodes that train
     (without them, i.e. in simulation, a census binds each node id to its institution first);
-    `resume`: a `fedseek.platform.resume.ResumePoint` (rounds 1..k committed): go on from round k+1."""
+    `resume`: a `fedseek.platform.store.resume.ResumePoint` (rounds 1..k committed): go on from round k+1."""
     reporter = reporter or SilentReporter()
     started = time.time()
     data = federated_data(job)

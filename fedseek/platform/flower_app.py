@@ -22,7 +22,7 @@ def main(grid: Grid, context: Context) -> None:
     run_config = dict(context.run_config)
     job = job_from_run_config(run_config)
     if run_config.get("platform-track"):
-        from fedseek.platform.jobs import run_deployed
+        from fedseek.platform.run.jobs import run_deployed
 
         run_deployed(grid, job, census_timeout=float(run_config.get("census-timeout", 300)),
                      resume_job=int(run_config.get("resume-job", 0) or 0))

@@ -1,7 +1,7 @@
 """The one sigma planner: the derivation of a job's training releases (pure: no Flower/MLflow/SQL).
 
 The client (`LocalTrainer.plan_noise`), the coordinator's ledger pre-flight
-(`fedseek.platform.ledger.planned_releases`) call this, so the sigma a site trains with and the
+(`fedseek.platform.store.ledger.planned_releases`) call this, so the sigma a site trains with and the
 sigma the ledger projects cannot drift apart. Every training round of a job — a linear-probe round
 or a LoRA round of the recipe (`fedseek.clients.recipe`) — releases (sigma, q, local_steps): one
 sigma, calibrated for rounds x local_steps steps after the `reserved` releases (a planned DP Fisher

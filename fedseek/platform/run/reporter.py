@@ -8,14 +8,15 @@ import hashlib
 import json
 from pathlib import Path
 
-from fedseek.platform import job_tracking, ledger
-from fedseek.platform.checkpoints import checkpoint_path, crash_point, save_checkpoint
-from fedseek.platform.db import (AdapterVersion, Job, Period, get_or_create_task, session_scope,
+from fedseek.platform.mlflow.registry import model_name, version_tags
+from fedseek.platform.mlflow.tracking import Outbox, flush_all
+from fedseek.platform.run import job_tracking
+from fedseek.platform.store import ledger
+from fedseek.platform.store.checkpoints import checkpoint_path, crash_point, save_checkpoint
+from fedseek.platform.store.db import (AdapterVersion, Job, Period, get_or_create_task, session_scope,
                                  utcnow)
-from fedseek.platform.registry import model_name, version_tags
-from fedseek.platform.resume import owner
-from fedseek.platform.settings import PlatformSettings, load_settings
-from fedseek.platform.tracking import Outbox, flush_all
+from fedseek.platform.store.resume import owner
+from fedseek.platform.store.settings import PlatformSettings, load_settings
 from fedseek.privacy.ledger_math import DataScope
 
 

@@ -163,14 +163,14 @@ def _bin(name: str) -> str:
 def superlink_command(certs: Path, state: Path, host: str = "0.0.0.0", port: int = 8000,
                       control_host: str = "127.0.0.1", control_port: int = 9093,
                       isolation: str = "process") -> list[str]:
-    """Flower's SuperLink (fedseek.platform.control_plane): `host:port` is the published listener
+    """Flower's SuperLink (fedseek.platform.deploy.control_plane): `host:port` is the published listener
     and serves the Fleet API only; `control_host:control_port` serves every API (Control for
     `flwr run`/`flwr supernode register`, Runtime for the ServerApp) and must not be published."""
     if int(port) == int(control_port):
         raise ValueError(f"the Fleet port and the control port are both {port}: the Control API must not "
                          "share the published port")
     paths = CertPaths.in_dir(certs)
-    command = [sys.executable, "-m", "fedseek.platform.control_plane", "--fleet-host", host, "--fleet-port", str(port),
+    command = [sys.executable, "-m", "fedseek.platform.deploy.control_plane", "--fleet-host", host, "--fleet-port", str(port),
                "--ssl-ca-certfile", str(paths.ca), "--ssl-certfile", str(paths.server),
                "--ssl-keyfile", str(paths.server_key), "--enable-supernode-auth",
                "--database", str(Path(state) / "superlink.db"), "--isolation", isolation,

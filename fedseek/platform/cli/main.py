@@ -11,7 +11,7 @@ import typer
 from fedseek.config import (CODECS, METHODS, PARTITIONS, RECIPES, RULES, CompressionSettings, DataSettings,
                             EWCSettings, FederationSettings, FisherSettings, LoraSettings, OptimSettings,
                             PrivacySettings, RobustSettings)
-from fedseek.platform.cli_common import console, fail
+from fedseek.platform.cli.common import console, fail
 
 app = typer.Typer(help="FedSeek: federated, differentially private LoRA fine-tuning of DeepSeek "
                        "models across institutions that never share their records.",
@@ -105,9 +105,9 @@ def simulate(
     from fedseek.config import JobConfig, RecipeSettings
     from fedseek.data.loader import DataError
     from fedseek.data.periods import DEFAULT_SCHEME
-    from fedseek.platform.console import RichReporter
-    from fedseek.platform.jobs import run_job
-    from fedseek.platform.simulation import SimulationError
+    from fedseek.platform.cli.console import RichReporter
+    from fedseek.platform.run.jobs import run_job
+    from fedseek.platform.run.simulation import SimulationError
 
     job = JobConfig(
         data=DataSettings(task=task, data=_path(data), data_dir=_path(data_dir), test_data=_path(test_data),
@@ -143,7 +143,7 @@ def simulate(
             run_job(job, RichReporter(console), verbose=verbose, track=track, cpus_per_client=cpus_per_client)
             return
         from fedseek.aggregator.continual_app import run_continual
-        from fedseek.platform.console import print_cl_table
+        from fedseek.platform.cli.console import print_cl_table
 
         arms = tuple(m.strip() for m in compare.split(",") if m.strip())
         lambdas = tuple(float(x) for x in tune_lambda.split(",") if x.strip())
@@ -227,11 +227,11 @@ def report(path: Path = typer.Argument(Path("runs/latest/report.json"), help="A 
     sys.stdout.write("\n")
 
 
-from fedseek.platform.admin_cli import register  # noqa: E402  platform admin commands
+from fedseek.platform.cli.admin import register  # noqa: E402  platform admin commands
 
 register(app)
 
-from fedseek.platform.deploy_cli import register_commands as register_deploy  # noqa: E402
+from fedseek.platform.cli.deploy import register_commands as register_deploy  # noqa: E402
 
 register_deploy(app)
 

@@ -132,7 +132,7 @@ def _apply(client, op: dict, state: dict, artifact_root: Path | None, tracking_u
         runs[op["key"]] = client.create_run(experiment, start_time=op.get("timestamp_ms"), run_name=op["name"],
                                             tags=tags).info.run_id
         if op.get("db_url") and op.get("job_id"):  # link the platform job to its MLflow run
-            from fedseek.platform.db import Job, session_scope
+            from fedseek.platform.store.db import Job, session_scope
 
             with session_scope(op["db_url"]) as session:
                 session.get(Job, op["job_id"]).mlflow_run_id = runs[op["key"]]
@@ -172,7 +172,7 @@ def _apply(client, op: dict, state: dict, artifact_root: Path | None, tracking_u
     elif kind == "end":
         client.set_terminated(runs[op["key"]], op.get("status", "FINISHED"), end_time=op.get("timestamp_ms"))
     elif kind == "register":
-        from fedseek.platform import registry
+        from fedseek.platform.mlflow import registry
 
         state["versions"][op["key"]] = registry.register(client, op["model"], runs[op["key"]],
                                                         op["artifact_path"], op.get("tags", {}))
@@ -180,7 +180,7 @@ def _apply(client, op: dict, state: dict, artifact_root: Path | None, tracking_u
             registry.record_version(op["db_url"], op["adapter_version_id"], op["model"],
                                     state["versions"][op["key"]])
     elif kind == "promote":
-        from fedseek.platform import registry
+        from fedseek.platform.mlflow import registry
 
         registry.promote(client, op["model"], state["versions"][op["key"]], op["db_url"],
                          op.get("limits", {}))

@@ -14,7 +14,7 @@ from pathlib import Path
 import typer
 
 from fedseek.config import DataSettings, FederationSettings, LoraSettings, OptimSettings, PrivacySettings
-from fedseek.platform.cli_common import console, fail
+from fedseek.platform.cli.common import console, fail
 
 deploy_app = typer.Typer(help="Real deployment: TLS certificates, SuperNode keys, SuperLink / SuperNode / "
                               "ServerApp / ClientApp services, registration and job launch.",
@@ -42,7 +42,7 @@ def _required(**values: str) -> None:
 
 def _refuse_placeholder_password() -> None:
     """The coordinator's processes refuse a platform DB password left at an example value."""
-    from fedseek.platform.deploy import placeholder_password
+    from fedseek.platform.deploy.stack import placeholder_password
 
     if placeholder_password(os.environ.get("FEDSEEK_DB_URL")):
         fail("FEDSEEK_DB_URL carries an empty or example password (POSTGRES_PASSWORD in the env file): "
@@ -68,7 +68,7 @@ def certs(out: Path = typer.Option(Path("certs"), help="Directory for ca.crt, se
           host: list[str] = typer.Option(..., help="Name or IP the server is reached at (repeat)."),
           organisation: str = typer.Option("FedSeek federation", help="Organisation in the CA's name.")) -> None:
     """Create a CA (kept if present) and a TLS server certificate for the given hosts."""
-    from fedseek.platform.deploy import write_certs
+    from fedseek.platform.deploy.stack import write_certs
 
     paths = write_certs(out, host, organisation)
     console.print(f"CA {paths.ca} (give it to every institution), server certificate {paths.server} "
@@ -79,7 +79,7 @@ def certs(out: Path = typer.Option(Path("certs"), help="Directory for ca.crt, se
 def keys(out: Path = typer.Option(Path("keys"), help="Directory for NAME.key and NAME.pub."),
          institution: str = typer.Option(..., help="Institution name (as it reports itself).")) -> None:
     """Create an institution's SuperNode authentication key pair (EC P-384, OpenSSH)."""
-    from fedseek.platform.deploy import write_node_keys
+    from fedseek.platform.deploy.stack import write_node_keys
 
     try:
         private, public = write_node_keys(out, institution)
@@ -98,7 +98,7 @@ def superlink(certs: Path = typer.Option(Path("certs"), help="Directory made by 
               control_port: int = typer.Option(CONTROL_PORT, help="Port of the control listener; never publish it.")) -> None:
     """Run the SuperLink: TLS, SuperNode authentication, ServerApp in a separate process, the
     Control API on its own unpublished listener."""
-    from fedseek.platform.deploy import CertPaths, superlink_command
+    from fedseek.platform.deploy.stack import CertPaths, superlink_command
 
     paths = CertPaths.in_dir(certs)
     for path, what in ((paths.ca, "CA"), (paths.server, "certificate"), (paths.server_key, "key")):
@@ -116,7 +116,7 @@ def serverapp(superlink: str = typer.Option(CONTROL, help="The SuperLink's contr
               ca: Path = typer.Option(Path("certs/ca.crt"), help="CA certificate of the SuperLink."),
               secret: Path = typer.Option(None, help="SuperExec shared secret (certs/superexec.secret).")) -> None:
     """Run the process that executes ServerApps (needs FEDSEEK_DB_URL / FEDSEEK_MLFLOW_URI)."""
-    from fedseek.platform.deploy import superexec_command
+    from fedseek.platform.deploy.stack import superexec_command
 
     _refuse_placeholder_password()
     _exec(superexec_command(superlink, _existing(ca, "CA"), secret))
@@ -131,11 +131,11 @@ def register(superlink: str = typer.Option(CONTROL, help="The SuperLink's contro
     """Admit an institution: register its key at the SuperLink and bind the node id to its name."""
     _required(superlink=superlink, institution=institution)
     _refuse_placeholder_password()
-    from fedseek.platform.db import session_scope
-    from fedseek.platform.deploy import write_flwr_config
-    from fedseek.platform.flwr_cli import flwr_binary, json_field
-    from fedseek.platform.nodes import NodeIdentityError, bind_node, public_key_sha256
-    from fedseek.platform.settings import load_settings
+    from fedseek.platform.store.db import session_scope
+    from fedseek.platform.deploy.stack import write_flwr_config
+    from fedseek.platform.deploy.flwr_cli import flwr_binary, json_field
+    from fedseek.platform.store.nodes import NodeIdentityError, bind_node, public_key_sha256
+    from fedseek.platform.store.settings import load_settings
 
     settings = load_settings()
     try:
@@ -185,11 +185,11 @@ def supernode(superlink: str = typer.Option("superlink:8000", help="The SuperLin
                                              "[default: $FEDSEEK_HOME/site].")) -> None:
     """Run this institution's SuperNode (TLS to the SuperLink, authenticated by its key)."""
     _required(superlink=superlink, institution=institution)
-    from fedseek.platform.deploy import CertPaths, site_policy_config, supernode_command
+    from fedseek.platform.deploy.stack import CertPaths, site_policy_config, supernode_command
 
     _existing(data, "data file")
     if state_dir is None:
-        from fedseek.platform.settings import PlatformSettings
+        from fedseek.platform.store.settings import PlatformSettings
 
         state_dir = PlatformSettings().home_dir / "site"
     config = {"institution": institution, "data-path": str(Path(data).resolve()), "ray-address": ray_address,
@@ -205,7 +205,7 @@ def supernode(superlink: str = typer.Option("superlink:8000", help="The SuperLin
 def clientapp(supernode: str = typer.Option("supernode:9094", help="The SuperNode's Runtime API host:port."),
               local_certs: Path = typer.Option(None, help="The site's certs given to the SuperNode (directory or prefix).")) -> None:
     """Run the process that executes this institution's ClientApps."""
-    from fedseek.platform.deploy import CertPaths, superexec_command
+    from fedseek.platform.deploy.stack import CertPaths, superexec_command
 
     paths = CertPaths.in_dir(local_certs) if local_certs else None
     _exec(superexec_command(supernode, paths.ca if paths else None,
@@ -238,8 +238,8 @@ def run(superlink: str = typer.Option(CONTROL, help="The SuperLink's control lis
         track: bool = typer.Option(True, "--track/--no-track", help="Record in the platform DB, ledger and MLflow.")) -> None:
     """Launch a federated DP-LoRA job on the deployed federation (`flwr run` of this project)."""
     from fedseek.config import JobConfig
-    from fedseek.platform.deploy import write_flwr_config
-    from fedseek.platform.flwr_cli import app_directory, flwr_binary, run_status, stream_output
+    from fedseek.platform.deploy.stack import write_flwr_config
+    from fedseek.platform.deploy.flwr_cli import app_directory, flwr_binary, run_status, stream_output
 
     _refuse_placeholder_password()
     job = JobConfig()

@@ -1,5 +1,5 @@
 """What the platform's command modules share: the consoles, `fail`, and the platform settings
-and DB session of this process (FEDSEEK_*, fedseek/platform/settings.py)."""
+and DB session of this process (FEDSEEK_*, fedseek/platform/store/settings.py)."""
 from __future__ import annotations
 
 import sys
@@ -18,13 +18,13 @@ def fail(message: str, code: int = 2):
 
 
 def settings():
-    from fedseek.platform.settings import load_settings
+    from fedseek.platform.store.settings import load_settings
 
     return load_settings()
 
 
 def session():
     """A session on the platform DB (committed on success)."""
-    from fedseek.platform.db import session_scope
+    from fedseek.platform.store.db import session_scope
 
     return session_scope(settings().database_url)

@@ -1,5 +1,5 @@
 """Platform DB: SQLAlchemy 2 typed ORM. The schema is created and evolved only by the Alembic
-migrations in `fedseek/platform/migrations` (`fedseek db upgrade`), never by `create_all`."""
+migrations in `fedseek/platform/store/migrations` (`fedseek db upgrade`), never by `create_all`."""
 from __future__ import annotations
 
 from contextlib import contextmanager

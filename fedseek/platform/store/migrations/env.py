@@ -1,8 +1,8 @@
-"""Alembic environment: the URL comes from `fedseek.platform.db.upgrade` (or FEDSEEK_DB_URL)."""
+"""Alembic environment: the URL comes from `fedseek.platform.store.db.upgrade` (or FEDSEEK_DB_URL)."""
 from alembic import context
 from sqlalchemy import create_engine
 
-from fedseek.platform.db import Base
+from fedseek.platform.store.db import Base
 
 config = context.config
 
@@ -11,7 +11,7 @@ def _url() -> str:
     url = config.attributes.get("url")
     if url:
         return url
-    from fedseek.platform.settings import load_settings
+    from fedseek.platform.store.settings import load_settings
 
     return load_settings().database_url
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from fedseek.platform.db import Institution, LedgerEntry, Round
+from fedseek.platform.store.db import Institution, LedgerEntry, Round
 from fedseek.privacy.ledger_math import Release, counts_release, institution_epsilon
 from fedseek.privacy.planning import job_round_release
 

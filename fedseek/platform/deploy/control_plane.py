@@ -13,7 +13,7 @@ two listeners of one uvicorn server:
 - the *fleet* listener (`--fleet-host/--fleet-port`): the published port. Requests that arrive on
   it reach only `/v1/fleet/*`; anything else is answered 403 before Flower sees it.
 
-    python -m fedseek.platform.control_plane --fleet-host 0.0.0.0 --fleet-port 8000 \
+    python -m fedseek.platform.deploy.control_plane --fleet-host 0.0.0.0 --fleet-port 8000 \
         <flower-superlink arguments, with --host/--port of the control listener>
 """
 from __future__ import annotations

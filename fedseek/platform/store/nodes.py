@@ -9,8 +9,8 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from fedseek.platform import ledger
-from fedseek.platform.db import Institution, session_scope
+from fedseek.platform.store import ledger
+from fedseek.platform.store.db import Institution, session_scope
 
 
 class NodeIdentityError(PermissionError):

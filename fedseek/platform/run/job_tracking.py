@@ -7,9 +7,10 @@ import math
 from pathlib import Path
 
 from fedseek.continual.report import heatmap_png
-from fedseek.platform import ledger, plots
-from fedseek.platform.db import session_scope
-from fedseek.platform.tracking import Outbox
+from fedseek.platform.mlflow import plots
+from fedseek.platform.mlflow.tracking import Outbox
+from fedseek.platform.store import ledger
+from fedseek.platform.store.db import session_scope
 from fedseek.privacy.randomness import noise_label
 
 CLIENT_METRICS = ("epsilon", "epsilon_rdp", "train_loss_last", "noise_multiplier", "sample_rate", "steps",

@@ -16,13 +16,13 @@ def run_job(job: JobConfig, inner=None, verbose: bool = False, track: bool = Tru
             **simulate_options):
     """Run `job`; with `track`, refuse it (ledger.BudgetExceeded) if any institution would exceed
     its privacy budget, and record it in the platform DB and MLflow. `simulate_options` go to
-    `fedseek.platform.simulation.simulate`."""
-    from fedseek.platform.simulation import simulate
+    `fedseek.platform.run.simulation.simulate`."""
+    from fedseek.platform.run.simulation import simulate
 
     if not track:
         return simulate(job, inner, verbose=verbose, **simulate_options)
     refuse_reproducible_noise(job, settings, deployed=False)
-    from fedseek.platform.reporter import PlatformReporter
+    from fedseek.platform.run.reporter import PlatformReporter
 
     from sqlalchemy.exc import OperationalError
 
@@ -53,7 +53,7 @@ def refuse_reproducible_noise(job: JobConfig, settings=None, deployed: bool = Tr
     tracked simulations only on a platform with FEDSEEK_ALLOW_REPRODUCIBLE_NOISE=1 (tests)."""
     if not (job.privacy.enabled and job.privacy.reproducible_noise):
         return
-    from fedseek.platform.settings import load_settings
+    from fedseek.platform.store.settings import load_settings
 
     if deployed or not (settings or load_settings()).allow_reproducible_noise:
         where = "deployed jobs" if deployed else "tracked jobs (FEDSEEK_ALLOW_REPRODUCIBLE_NOISE is off)"
@@ -63,12 +63,12 @@ def refuse_reproducible_noise(job: JobConfig, settings=None, deployed: bool = Tr
 
 def resume_job(job_id: int, inner=None, verbose: bool = False, force: bool = False, settings=None,
                **simulate_options) -> dict:
-    """Continue simulated job `job_id` from its last committed round (see fedseek.platform.resume)."""
+    """Continue simulated job `job_id` from its last committed round (see fedseek.platform.store.resume)."""
     from fedseek.aggregator.server_app import run_federation
-    from fedseek.platform.reporter import PlatformReporter
-    from fedseek.platform.resume import ResumeError, load_resume_point
-    from fedseek.platform.settings import load_settings
-    from fedseek.platform.simulation import simulate
+    from fedseek.platform.run.reporter import PlatformReporter
+    from fedseek.platform.store.resume import ResumeError, load_resume_point
+    from fedseek.platform.store.settings import load_settings
+    from fedseek.platform.run.simulation import simulate
 
     settings = settings or load_settings()
     point = load_resume_point(settings, job_id, force)
@@ -90,14 +90,14 @@ def run_deployed(grid, job: JobConfig, census_timeout: float = 300.0, settings=N
     identity check, privacy pre-flight from the census counts (or, with `resume_job`, the
     interrupted job's state from the platform DB), then the tracked federated job."""
     from fedseek.aggregator.server_app import census, run_federation
-    from fedseek.platform.nodes import verify_node_identities
-    from fedseek.platform.reporter import PlatformReporter
-    from fedseek.platform.resume import load_resume_point
+    from fedseek.platform.store.nodes import verify_node_identities
+    from fedseek.platform.run.reporter import PlatformReporter
+    from fedseek.platform.store.resume import load_resume_point
 
     reporter = PlatformReporter(None, settings, runner="deploy")
     point = load_resume_point(reporter.settings, resume_job) if resume_job else None
     if point and point.runner != "deploy":
-        from fedseek.platform.resume import ResumeError
+        from fedseek.platform.store.resume import ResumeError
 
         raise ResumeError(f"job {resume_job} was simulated: resume it with `fedseek jobs resume {resume_job}`")
     job = point.job if point else job

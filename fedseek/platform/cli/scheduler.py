@@ -7,7 +7,7 @@ import shlex
 import typer
 from rich.table import Table
 
-from fedseek.platform.cli_common import console, fail, session as _session, settings as _settings
+from fedseek.platform.cli.common import console, fail, session as _session, settings as _settings
 
 
 def register(schedule_app: typer.Typer, scheduler_app: typer.Typer) -> None:
@@ -22,7 +22,7 @@ def register(schedule_app: typer.Typer, scheduler_app: typer.Typer) -> None:
                                         "(`fedseek deploy run`) instead of a simulation.")
             ) -> None:
         """Add a retraining schedule (picked up when `fedseek scheduler run` starts)."""
-        from fedseek.platform.scheduler import add_schedule
+        from fedseek.platform.run.scheduler import add_schedule
 
         try:
             sid = add_schedule(_settings().database_url, task, cron, watch_dir, poll_seconds, shlex.split(options),
@@ -36,7 +36,7 @@ def register(schedule_app: typer.Typer, scheduler_app: typer.Typer) -> None:
         """List schedules with their last outcome."""
         from sqlalchemy import select
 
-        from fedseek.platform.db import Schedule
+        from fedseek.platform.store.db import Schedule
 
         table = Table("id", "task", "trigger", "runs", "enabled", "last run", "last outcome", title="schedules")
         with _session() as session:
@@ -50,7 +50,7 @@ def register(schedule_app: typer.Typer, scheduler_app: typer.Typer) -> None:
     @schedule_app.command("remove")
     def remove(schedule_id: int = typer.Argument(..., help="Schedule id (see `fedseek schedule list`).")) -> None:
         """Disable a schedule."""
-        from fedseek.platform.db import Schedule
+        from fedseek.platform.store.db import Schedule
 
         with _session() as session:
             row = session.get(Schedule, schedule_id)
@@ -66,7 +66,7 @@ def register(schedule_app: typer.Typer, scheduler_app: typer.Typer) -> None:
         import signal
         import threading
 
-        from fedseek.platform.scheduler import build_scheduler
+        from fedseek.platform.run.scheduler import build_scheduler
 
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
         settings = _settings()

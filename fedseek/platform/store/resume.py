@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fedseek.config import JobConfig
-from fedseek.platform.checkpoints import checkpoint_path, load_checkpoint
+from fedseek.platform.store.checkpoints import checkpoint_path, load_checkpoint
 
 RESUMABLE = ("running", "failed")
 
@@ -59,7 +59,7 @@ def _alive_elsewhere(owner_id: str | None) -> bool:
 def load_resume_point(settings, job_id: int, force: bool = False) -> ResumePoint:
     from sqlalchemy import select
 
-    from fedseek.platform.db import Institution, Job, LedgerEntry, Round, session_scope
+    from fedseek.platform.store.db import Institution, Job, LedgerEntry, Round, session_scope
 
     with session_scope(settings.database_url) as session:
         row = session.get(Job, job_id)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from fedseek.platform.db import Schedule, session_scope, utcnow
+from fedseek.platform.store.db import Schedule, session_scope, utcnow
 
 logger = logging.getLogger("fedseek.scheduler")
 JOB_DEFAULTS = {"coalesce": True, "max_instances": 1, "misfire_grace_time": 24 * 3600}

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import select
 
-from fedseek.platform.db import AdapterVersion, Institution, PromotionDecision, session_scope
+from fedseek.platform.store.db import AdapterVersion, Institution, PromotionDecision, session_scope
 
 
 def model_name(task: str) -> str:
@@ -72,7 +72,7 @@ def gate(candidate: dict, champion: dict | None, over_budget: list[str], limits:
 
 def _over_budget(db_url: str, institutions) -> list[str]:
     """Institutions whose lifetime epsilon in the ledger exceeds their budget."""
-    from fedseek.platform.ledger import spent
+    from fedseek.platform.store.ledger import spent
 
     with session_scope(db_url) as session:
         rows = session.scalars(select(Institution).where(Institution.name.in_(list(institutions)))).all()

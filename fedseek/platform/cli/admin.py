@@ -1,5 +1,5 @@
 """Platform admin commands of `fedseek`: db, institutions, tasks, jobs, privacy, versions, promote,
-dashboard, schedule, scheduler. Settings come from FEDSEEK_* (fedseek/platform/settings.py)."""
+dashboard, schedule, scheduler. Settings come from FEDSEEK_* (fedseek/platform/store/settings.py)."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from fedseek.platform.cli_common import console, fail, session as _session, settings as _settings
+from fedseek.platform.cli.common import console, fail, session as _session, settings as _settings
 
 db_app = typer.Typer(help="Platform database: migrations and the MLflow outbox.", no_args_is_help=True)
 institutions_app = typer.Typer(help="Institutions and their lifetime privacy budgets.", no_args_is_help=True)
@@ -28,7 +28,7 @@ class Kind(str, Enum):
 
 
 def _client():
-    from fedseek.platform.tracking import flush_all
+    from fedseek.platform.mlflow.tracking import flush_all
     from mlflow.tracking import MlflowClient
 
     settings = _settings()
@@ -39,7 +39,7 @@ def _client():
 @db_app.command("upgrade")
 def db_upgrade(revision: str = typer.Argument("head", help="Alembic revision to migrate to.")) -> None:
     """Create or migrate the platform DB (FEDSEEK_DB_URL) to the latest schema."""
-    from fedseek.platform.db import upgrade
+    from fedseek.platform.store.db import upgrade
 
     url = _settings().database_url
     try:
@@ -52,7 +52,7 @@ def db_upgrade(revision: str = typer.Argument("head", help="Alembic revision to 
 @db_app.command("flush")
 def db_flush() -> None:
     """Send MLflow records buffered while the tracking server was unreachable."""
-    from fedseek.platform.tracking import flush_all
+    from fedseek.platform.mlflow.tracking import flush_all
 
     s = _settings()
     sent, pending = flush_all(s.outbox_dir, s.tracking_uri, s.artifact_root)
@@ -77,8 +77,8 @@ def institutions_add(
     """Register an institution, or change its budget."""
     from sqlalchemy import select
 
-    from fedseek.platform import ledger
-    from fedseek.platform.db import Institution
+    from fedseek.platform.store import ledger
+    from fedseek.platform.store.db import Institution
 
     with _session() as session:
         row = session.scalars(select(Institution).filter_by(name=name)).one_or_none()
@@ -101,8 +101,8 @@ def privacy(plot: Path = typer.Option(None, help="Also write epsilon over time p
     Fisher pass in the ledger, and what remains."""
     from sqlalchemy import select
 
-    from fedseek.platform import ledger
-    from fedseek.platform.db import Institution, LedgerEntry
+    from fedseek.platform.store import ledger
+    from fedseek.platform.store.db import Institution, LedgerEntry
 
     table = Table("institution", "kind", "epsilon_max", "delta", "spent (PRV)", "spent (RDP)", "remaining",
                   "entries", title="privacy ledger")
@@ -118,7 +118,7 @@ def privacy(plot: Path = typer.Option(None, help="Also write epsilon over time p
             budgets[inst.name] = inst.epsilon_max
     console.print(table)
     if plot:
-        from fedseek.platform.plots import epsilon_over_time
+        from fedseek.platform.mlflow.plots import epsilon_over_time
 
         console.print(f"plot: {epsilon_over_time(series, budgets, plot, xlabel='time (UTC)')}")
 
@@ -128,8 +128,8 @@ def tasks(add: str = typer.Option(None, "--add", help="Register a task with this
     """List tasks with their jobs and registered model (jobs register their task themselves)."""
     from sqlalchemy import func, select
 
-    from fedseek.platform.db import Job, Task, get_or_create_task
-    from fedseek.platform.registry import model_name
+    from fedseek.platform.store.db import Job, Task, get_or_create_task
+    from fedseek.platform.mlflow.registry import model_name
 
     if add:
         with _session() as session:
@@ -149,7 +149,7 @@ def jobs(ctx: typer.Context, limit: int = typer.Option(20, min=1, help="Newest j
         return
     from sqlalchemy import func, select
 
-    from fedseek.platform.db import Job, Round
+    from fedseek.platform.store.db import Job, Round
 
     from fedseek.config import JobConfig
     from fedseek.privacy.randomness import noise_label
@@ -172,11 +172,11 @@ def resume(job_id: int = typer.Argument(..., help="The job to continue (see `fed
            verbose: bool = typer.Option(False, help="Show Flower/Ray logs.")) -> None:
     """Continue an interrupted (killed or failed) simulated job from its last committed round: same
     job id, adapter from that round's checkpoint, each round charged to the privacy ledger once."""
-    from fedseek.platform.console import RichReporter
-    from fedseek.platform.checkpoints import CheckpointError
-    from fedseek.platform.jobs import resume_job
-    from fedseek.platform.resume import ResumeError
-    from fedseek.platform.simulation import SimulationError
+    from fedseek.platform.cli.console import RichReporter
+    from fedseek.platform.store.checkpoints import CheckpointError
+    from fedseek.platform.run.jobs import resume_job
+    from fedseek.platform.store.resume import ResumeError
+    from fedseek.platform.run.simulation import SimulationError
     from fedseek.quiet import quiet_environment
 
     quiet_environment()
@@ -192,7 +192,7 @@ def versions(task: str = typer.Option(..., help="Task whose registered adapter v
     """List registered adapter versions of a task with aliases and promotion decisions."""
     from mlflow.exceptions import MlflowException
 
-    from fedseek.platform.registry import model_name, versions as list_versions
+    from fedseek.platform.mlflow.registry import model_name, versions as list_versions
 
     try:
         rows = list_versions(_client(), model_name(task))
@@ -214,7 +214,7 @@ def promote(task: str = typer.Option(..., help="Task whose version to promote.")
     within FEDSEEK_MAX_FORGETTING/FEDSEEK_MIN_BWT, epsilon within budget). Exit 1 if rejected."""
     from mlflow.exceptions import MlflowException
 
-    from fedseek.platform.registry import model_name, promote as run_gate
+    from fedseek.platform.mlflow.registry import model_name, promote as run_gate
 
     settings, name = _settings(), model_name(task)
     try:
@@ -257,7 +257,7 @@ def dashboard_command(settings, host: str, port: int) -> list[str]:
 
 def register(app: typer.Typer) -> None:
     """Add the platform commands to the `fedseek` app."""
-    from fedseek.platform import scheduler_cli
+    from fedseek.platform.cli import scheduler as scheduler_cli
 
     app.add_typer(db_app, name="db")
     app.add_typer(institutions_app, name="institutions")

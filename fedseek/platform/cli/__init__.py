@@ -1,0 +1,1 @@
+"""The `fedseek` command line: every subcommand and the shared console/fail helper."""

@@ -1,0 +1,1 @@
+"""MLflow: run tracking (with its outbox), the Model Registry and plots."""

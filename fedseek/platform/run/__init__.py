@@ -1,0 +1,1 @@
+"""Running jobs: simulation, the reporter (ledger, tracking, checkpoint parts) and the scheduler."""

@@ -1,0 +1,1 @@
+"""Platform state: the SQL database, privacy ledger, institutions, checkpoints, resume, settings, migrations."""
