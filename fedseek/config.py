@@ -1,11 +1,7 @@
 """Job configuration: one documented dataclass per concern, flattened to `section.field` keys for
-Flower's ConfigRecord / run config and rebuilt on the other side.
-
-A leaf module: it imports nothing from fedseek, so every reader of a job (the coordinator, a site,
-the CLI, the ledger) gets the settings without pulling in Opacus, Flower or torch. What a setting
-*does* lives with its concern (fedseek.clients.dp_trainer, fedseek.aggregator.robust, ...); the
-data functions that read a job's records are in fedseek.data.plan.
-"""
+Flower's ConfigRecord / run config and rebuilt on the other side; a field declared with `opt` is also a
+`fedseek simulate` option. A leaf: it imports nothing from fedseek (no Opacus, Flower or torch for a
+reader of a job). What a setting *does* lives with its concern; data functions are in fedseek.data.plan."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 PERIOD_SEPARATOR = "|"  # between period names of a joint job
-# the choices of a setting (the CLI shows them; __post_init__/check refuse anything else)
+# the choices of a setting (the CLI offers only these; __post_init__ refuses others where it checks)
 PARTITIONS = ("iid", "dirichlet")  # data.partition
 CODECS = ("none", "fp16", "int8", "int4")  # compression.codec
 RULES = ("fedavg", "trimmed-mean", "median")  # robust.rule
@@ -22,26 +18,35 @@ GRANULARITIES = ("tensor", "row", "coordinate")  # fisher.granularity
 RECIPES = ("probe", "lora")  # recipe.name
 
 
+def opt(default: Any, help: str, flag: str = "", **cli: Any) -> Any:
+    """A field that is also a `fedseek simulate` option (fedseek.platform.cli.options): `flag` (default: the
+    field's name, dashed), `help` ("{default}" is filled in) and in `cli` typer's min/max, choices, path=True,
+    cli_default (the command's own default), rule=True (unset unless given: the DP recipe's rule fills it)."""
+    return field(default=default, metadata={"help": help, "flag": flag, **cli})
+
+
 @dataclass
 class DataSettings:
     """Where each institution's records come from and how they are split."""
 
-    task: str = "banking77"  # shipped task, used when neither `data` nor `data_dir` is given
-    data: str | None = None  # one CSV/JSONL file partitioned across institutions
-    data_dir: str | None = None  # one file per institution (+ optional test.*)
-    test_data: str | None = None  # global test file for `data` (else a stratified hold-out)
-    text_column: str = "text"
-    label_column: str = "label"
-    partition: str = "iid"  # iid | dirichlet
-    alpha: float = 0.5  # Dirichlet concentration (smaller = more non-IID)
+    task: str = opt("banking77", "Shipped task: banking77 | medical_abstracts | pubmedqa.")
+    data: str | None = opt(None, "Your CSV/JSONL file, partitioned across institutions.", path=True)
+    data_dir: str | None = opt(None, "Directory with one CSV/JSONL per institution (+ optional test.*).", path=True)
+    test_data: str | None = opt(None, "Global test file for --data (default: 20% stratified hold-out).", path=True)
+    text_column: str = opt("text", "Column holding the text.")
+    label_column: str = opt("label", "Column holding the label.")
+    partition: str = opt("iid", "How records are split across institutions.", choices=PARTITIONS)
+    alpha: float = opt(0.5, "Dirichlet concentration for --partition dirichlet.", min=1e-3)  # smaller: more non-IID
     max_length: int = 64  # tokens per record
-    max_train_rows: int = 0  # cap on the pooled training rows (0 = all); for quick runs
-    periods: str = ""  # continual-learning period scheme (fedseek.data.periods); "" = no periods
+    max_train_rows: int = opt(0, "Use at most this many training rows in total (0 = all).", min=0)
+    periods: str = opt("", "Continual learning: period scheme years | intent-groups | condition-groups | column "
+                       "| auto (the task's default); one federated job per period.")  # fedseek.data.periods
     period: str = ""  # the period(s) this job trains on, "|"-separated (several: joint training)
-    period_column: str | None = None  # user data: column holding each row's date or period id
-    period_freq: str = ""  # "", year or quarter: map ISO dates in period_column to periods
-    period_groups: int = 3  # label groups for the intent-/condition-groups schemes
-    validation_fraction: float = 0.0  # held out of each institution's records (λ selection)
+    period_column: str | None = opt(None, "Column of your data holding each row's date or period id.")
+    period_freq: str = opt("", "With --period-column of ISO dates: year | quarter.")  # "": period ids, no dates
+    period_groups: int = opt(3, "Label groups for intent-groups / condition-groups.", min=2)
+    validation_fraction: float = opt(0.0, "With --periods: records each institution holds out for λ selection.",
+                                     cli_default=0.1, min=0.0, max=0.5)  # the CLI sets it only with --periods
 
     @property
     def period_scope(self) -> str:
@@ -67,11 +72,12 @@ class DataSettings:
 class FederationSettings:
     """The federated job as a whole."""
 
-    institutions: int = 3
-    rounds: int = 5
-    seed: int = 0
-    base_model: str | None = None  # local checkpoint directory; None = embedded default
-    out: str = "runs/latest"
+    institutions: int = opt(3, "Simulated institutions (ignored with --data-dir).", min=1)
+    rounds: int = opt(5, "Federated rounds.", min=1)
+    seed: int = opt(0, "Seed for partitioning, sampling and LoRA init.")  # the CLI's --seed is lora.seed too
+    base_model: str | None = opt(None, "Local checkpoint directory (DeepSeek-V2/V3, R1-Distill Qwen/Llama); "
+                                 "default: embedded.", path=True)
+    out: str = opt("runs/latest", "Output directory (report.json, adapter/).", path=True)
     study: str = ""  # a comparison/tuning arm's name; every arm is charged to the same institutions' ledger
     min_institutions: int = 0  # a round completes with this many updates (0 = all institutions)
     round_timeout: float = 3600.0  # seconds a round waits for replies before going on without them
@@ -80,29 +86,30 @@ class FederationSettings:
 
 @dataclass
 class LoraSettings:
-    """LoRA adapter settings shared by every institution of a job."""
+    """LoRA adapter settings shared by every institution of a job (the CLI sets alpha = 2 x rank)."""
 
-    rank: int = 16
+    rank: int = opt(16, "LoRA rank r.", "lora-rank", min=1)
     alpha: float = 32.0
-    targets: str = "attention"  # preset name, or comma-separated module names
-    top_layers: int = 1  # adapt only the last N decoder layers (0 = all); lower layers stay frozen
-    ffa: bool = False  # FFA-LoRA: A frozen at its seeded init, only B (+ head) trained and sent
+    targets: str = opt("attention", "'attention', 'attention+mlp' or comma-separated module names.", "lora-targets")
+    top_layers: int = opt(1, "Adapt only the top N decoder layers (0 = all).", "lora-layers", min=0)
+    ffa: bool = opt(False, "FFA-LoRA: freeze A at a shared seed, train/send only B.")
     seed: int = 0  # shared seed: identical A matrices at every institution
     extra_trainable: list[str] = field(default_factory=lambda: ["score"])  # task head
 
 
 @dataclass
 class PrivacySettings:
-    """Record-level DP of one institution for the whole job."""
+    """Record-level DP of one institution for the whole job (the CLI's --no-dp turns `enabled` off)."""
 
     enabled: bool = True
-    target_epsilon: float = 8.0  # budget for the whole job (all rounds)
-    delta: float | None = None  # None: min(1e-5, 0.01/N) for the institution's N records (N*delta <= 0.01)
-    noise_multiplier: float | None = None  # given sigma overrides the target-epsilon derivation
-    clip_norm: float = 1.0  # per-sample gradient clipping bound C
-    # seeded DP noise and sampling, for tests and benchmarks only: the job is then NOT private
-    # (the coordinator can regenerate the noise); tracked and deployed jobs refuse it
-    reproducible_noise: bool = False
+    target_epsilon: float = opt(8.0, "Privacy budget per institution for the whole job.", "epsilon", min=0.01)
+    delta: float | None = opt(None, "delta (default min(1e-5, 0.01/N) per institution: N·delta <= 0.01).")
+    noise_multiplier: float | None = opt(None, "Give sigma directly instead of deriving it from --epsilon.")
+    clip_norm: float = opt(1.0, "Per-sample gradient clipping norm C (default: the rule; lora: {default}).",
+                           rule=True, min=1e-6)
+    # seeded noise is NOT private (the coordinator can regenerate it): tracked and deployed jobs refuse it
+    reproducible_noise: bool = opt(False, "Seed DP noise and sampling from --seed (tests/benchmarks only: NOT "
+                                   "private; tracked jobs refuse it unless FEDSEEK_ALLOW_REPRODUCIBLE_NOISE=1).")
 
     @property
     def private_noise(self) -> bool:
@@ -113,9 +120,12 @@ class PrivacySettings:
 class OptimSettings:
     """Local optimisation; the learning-rate schedule spans the whole job (all rounds)."""
 
-    local_steps: int = 12  # logical (noised) steps per round
-    batch_fraction: float = 0.125  # expected batch = q * N (large batches: lower noise per signal)
-    learning_rate: float = 2e-2  # high for DP: noisy Adam steps need it (BENCHMARKS.md sweep)
+    local_steps: int = opt(12, "DP-SGD steps per institution per round (default: the recipe's rule; "
+                           "lora: {default}).", rule=True, min=1)  # logical (noised) steps
+    batch_fraction: float = opt(0.125, "Poisson sampling rate q, expected batch q*N (default: the rule; "
+                                "lora: {default}).", rule=True, min=1e-4, max=1.0)  # large: less noise per signal
+    # high for DP: noisy Adam steps need it (BENCHMARKS.md sweep)
+    learning_rate: float = opt(2e-2, "Peak Adam learning rate of LoRA rounds (warmup, then cosine).", min=0.0)
     warmup_fraction: float = 0.05
     schedule: str = "cosine"  # cosine | constant (both after linear warmup)
     chunk_size: int = 256  # physical batch: bounds memory, not the math
@@ -125,8 +135,12 @@ class OptimSettings:
 class RecipeSettings:
     """Which DP recipe a job trains with; `probe_rounds` < 0 means "all rounds" (the rule's value)."""
 
-    name: str = "lora"  # probe | lora (library default: the old recipe; `fedseek simulate`: probe)
-    probe_rounds: int = -1  # head-only rounds at the start (probe recipe); -1 = every round
+    name: str = opt("lora", "DP recipe: probe = head on every layer's pooled states (public-slice standardization), "
+                    "DP linear probe then optional DP LoRA (LP-FT), hyper-parameters from the rule in "
+                    "fedseek.clients.recipe; lora = the old LoRA + last-layer head recipe.", "recipe",
+                    choices=RECIPES, cli_default="probe")
+    probe_rounds: int = opt(-1, "probe recipe: head-only rounds before LoRA rounds (default: all).",
+                            rule=True, min=0)  # head-only rounds at the start; -1 = every round
     probe_lr: float = 1e-2  # Adam learning rate of the head-only phase (the rule's value, fedseek.clients.recipe)
     components: int = 0  # public principal directions the head reads (0: all shipped, 256)
 
@@ -134,17 +148,15 @@ class RecipeSettings:
     def pooling(self) -> str:
         return "layers" if self.name == "probe" else "last"
 
-    def check(self) -> None:
-        if self.name not in RECIPES:
-            raise ValueError(f"recipe.name {self.name!r} is not one of {list(RECIPES)}")
-
 
 @dataclass
 class CompressionSettings:
     """How institutions encode their adapter updates for upload."""
 
-    codec: str = "none"  # none | fp16 | int8 | int4
-    topk: float = 0.0  # keep this fraction of each tensor's delta entries (0 = all)
+    codec: str = opt("none", "Upload adapter deltas as fp16, int8 or int4 (per-channel scales) instead of float32.",
+                     "compression", choices=CODECS)
+    topk: float = opt(0.0, "Upload only this fraction of each delta's largest entries (0 = all; error feedback "
+                      "keeps the rest).", min=0.0, max=0.99)
     error_feedback: bool = True  # carry the encoding error into the next round's delta
 
     @property
@@ -163,11 +175,14 @@ class CompressionSettings:
 class RobustSettings:
     """How the coordinator bounds and combines institutions' updates."""
 
-    rule: str = "fedavg"  # fedavg | trimmed-mean | median
-    trim_fraction: float = 0.2  # trimmed-mean: fraction cut from each end of every coordinate
-    clip_norm: float = 0.0  # server-side L2 bound on each update's delta (0 = off)
+    rule: str = opt("fedavg", "How the server combines updates: fedavg | trimmed-mean | median (coordinate-wise, "
+                    "against poisoned updates).", "robust", choices=RULES)
+    trim_fraction: float = opt(0.2, "trimmed-mean: fraction cut from each end.", min=0.0, max=0.49)  # per coordinate
+    clip_norm: float = opt(0.0, "Bound each update's delta to this L2 norm on the server (0 = off).", "server-clip",
+                           min=0.0)
     max_update_bytes: int = 0  # reject larger replies; 0 = 2x the global adapter's size + 64 KiB
-    outlier_ratio: float = 0.0  # reject deltas with norm > ratio x the round's median (0 = off)
+    outlier_ratio: float = opt(0.0, "Reject updates whose norm exceeds this multiple of the round's median "
+                               "(0 = off; needs >= 3 institutions).", min=0.0)
 
     def __post_init__(self):
         if self.rule not in RULES:
@@ -184,9 +199,10 @@ class RobustSettings:
 class EWCSettings:
     """Continual-learning method and its EWC hyper-parameters."""
 
-    method: str = "ewc"  # naive | ewc (separate) | online-ewc | joint (all periods so far: upper bound)
-    lam: float = 1.0  # λ; the Fisher is normalised to mean 1, so λ is comparable across models
-    gamma: float = 0.9  # online-EWC decay of the running Fisher
+    method: str = opt("ewc", "Continual method (with --periods); joint = one job on all periods (upper bound).", "cl",
+                      choices=METHODS)
+    lam: float = opt(1.0, "EWC strength λ (Fisher normalised to mean 1).", "ewc-lambda", min=0.0)
+    gamma: float = opt(0.9, "Online-EWC decay γ of the running Fisher.", "ewc-gamma", min=0.0, max=1.0)
     fisher_after: bool = False  # this job ends with a Fisher pass (planned into its ε budget)
 
     def __post_init__(self) -> None:
@@ -202,12 +218,13 @@ class EWCSettings:
 
 @dataclass
 class FisherSettings:
-    """The DP Fisher pass an institution runs at the end of a period."""
+    """The DP Fisher pass an institution runs at the end of a period (noise std σ_F · C² on group sums)."""
 
-    sample_rate: float = 0.5  # Poisson rate q_F of the single Fisher pass
-    noise_multiplier: float = 10.0  # σ_F; noise std on the group sums is σ_F · C²
+    sample_rate: float = opt(0.5, "Poisson rate of the DP Fisher pass.", "fisher-rate", min=1e-4, max=1.0)  # q_F
+    noise_multiplier: float = opt(10.0, "Noise multiplier σ_F of the DP Fisher pass.", "fisher-noise", min=0.0)
     clip_norm: float = 1.0  # C: per-record gradient norm bound
-    granularity: str = "tensor"  # tensor | row | coordinate
+    granularity: str = opt("tensor", "Fisher values released per tensor | row | coordinate.", "fisher-granularity",
+                           choices=GRANULARITIES)
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:
@@ -245,10 +262,8 @@ class JobConfig:
         for section in dataclasses.fields(job):
             settings = getattr(job, section.name)
             for item in dataclasses.fields(settings):
-                key = f"{section.name}.{item.name}"
-                if key in flat:
-                    value = flat[key]
-                    setattr(settings, item.name, list(value) if isinstance(value, (list, tuple)) else value)
+                value = flat.get(f"{section.name}.{item.name}", getattr(settings, item.name))
+                setattr(settings, item.name, list(value) if isinstance(value, (list, tuple)) else value)
         return job
 
     def with_overrides(self, items: list[str]) -> "JobConfig":
@@ -274,14 +289,12 @@ def _parse(declared: str, text: str, item: str):
     kind = kinds[0]
     try:
         if kind == "bool":
-            if text.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(text)
-            return text.lower() in ("true", "1")
+            return {"true": True, "1": True, "false": False, "0": False}[text.lower()]
         if kind in ("int", "float"):
             return {"int": int, "float": float}[kind](text)
         if kind.startswith("list"):
             return [part.strip() for part in text.split(",") if part.strip()]
         return text
-    except ValueError:
+    except (KeyError, ValueError):
         raise ValueError(f"--set {item!r}: {text!r} is not a valid {kind}") from None
 
