@@ -22,10 +22,7 @@ from dataclasses import dataclass
 from fedseek.aggregator.robust import validate_fisher
 from fedseek.privacy.accountant import default_delta
 from fedseek.privacy.planning import job_round_release
-
-MAX_STEPS = 10**7  # a larger step count is not a plausible claim
-TRAIN_KEYS = ("noise_multiplier", "sample_rate", "steps")
-FISHER_KEYS = ("fisher_noise_multiplier", "fisher_sample_rate", "fisher_steps")
+from fedseek.wire.replies import FisherReply, ReplyError, TrainReply, claimed_institution, reported, wire_key
 
 
 @dataclass(frozen=True)
@@ -101,40 +98,27 @@ def _number(value) -> float:
         return math.nan
 
 
-def _valid(key: str, value: float) -> bool:
-    if not math.isfinite(value):
-        return False
-    if key.endswith("noise_multiplier"):
-        return value >= 0
-    if key.endswith("sample_rate"):
-        return 0 < value <= 1
-    if key == "delta":
-        return 0 < value < 1
-    return value == int(value) and 0 <= value <= MAX_STEPS
-
-
-def charge(entry: dict, plan: Plan, steps_so_far: int, keys: tuple[str, str, str] = TRAIN_KEYS) -> str | None:
-    """Set `entry`'s σ/q/steps/δ (the fields the ledger charges) to the worse of claim and plan
-    (a missing or invalid claim counts as the plan's value), keeping differing claims as
-    `claimed_<field>`; return why the reply is off the plan, or None. `steps_so_far`: the
+def charge(entry: dict, plan: Plan, steps_so_far: int, reply: type = TrainReply) -> str | None:
+    """Set `entry`'s σ/q/steps/δ (`reply.CLAIMS`: the fields the ledger charges) to the worse of
+    claim and plan (a missing or invalid claim counts as the plan's value), keeping differing claims
+    as `claimed_<field>`; return why the reply is off the plan, or None. `steps_so_far`: the
     cumulative steps a correct reply reports (`plan.steps` for a Fisher pass)."""
-    sigma_key, q_key, steps_key = keys
-    planned = {sigma_key: plan.sigma, q_key: plan.q, steps_key: steps_so_far, "delta": plan.delta}
-    worse = {sigma_key: min, q_key: max, steps_key: max, "delta": min}  # each: the larger epsilon
-    names = {sigma_key: "noise-multiplier", q_key: "sample-rate", steps_key: "steps", "delta": "delta"}
+    sigma_key, q_key, steps_key, delta_key = reply.CLAIMS
+    planned = {sigma_key: plan.sigma, q_key: plan.q, steps_key: steps_so_far, delta_key: plan.delta}
+    worse = {sigma_key: min, q_key: max, steps_key: max, delta_key: min}  # each: the larger epsilon
     problems = []
     for key, want in planned.items():
-        raw = entry.get(key)
+        raw, name = entry.get(key), wire_key(key.removeprefix("fisher_"))
         claim = _number(raw)
-        if not _valid(key, claim):
-            problems.append(f"{names[key]} {raw!r} is no valid claim")
+        if not reply.claim_ok(key, claim):
+            problems.append(f"{name} {raw!r} is no valid claim")
             value = want
         else:
             value = worse[key](claim, want)
             # sigma and q must match exactly (both sides derive them the same way); delta is
             # only an accounting parameter: a smaller one is charged, not refused
-            if key != "delta" and not math.isclose(claim, want, rel_tol=1e-9, abs_tol=0.0):
-                problems.append(f"{names[key]} {claim:.6g}, planned {want:.6g}")
+            if key != delta_key and not math.isclose(claim, want, rel_tol=1e-9, abs_tol=0.0):
+                problems.append(f"{name} {claim:.6g}, planned {want:.6g}")
         if raw is None or _number(raw) != value:
             entry[f"claimed_{key}"] = raw
         entry[key] = int(value) if key == steps_key else float(value)
@@ -154,27 +138,24 @@ def fisher_reply(reply, node: int, nodes: dict[int, str], trust: ReplyTrust, ref
         entry["rejected"] = f"error reply: {reply.error.reason}"
         return entry, None
     content = reply.content
-    metrics = content.metric_records.get("metrics")
-    entry.update({k.replace("-", "_"): float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float))})
-    site = content.config_records.get("site")
-    claimed = site.get("institution") if site is not None else None
+    entry.update(reported(content))  # every claim is logged (and charged), even in a refused reply
+    claimed = claimed_institution(content)
     if claimed != entry["institution"]:
         entry["claimed_institution"] = claimed
     plan = trust.plans.fisher(node) if trust.plans is not None else None
-    reasons = [charge(entry, plan, plan.steps, FISHER_KEYS) if plan else None]
-    examples = entry.get("num_examples", float("nan"))
-    if not (math.isfinite(examples) and examples > 0):
-        reasons.append(f"num-examples must be a positive finite count, got {examples}")
+    reasons = [charge(entry, plan, plan.steps, FisherReply) if plan else None]
+    fisher = None
+    try:
+        parsed = FisherReply.parse(content)
+    except ReplyError as err:
+        reasons.append(f"malformed reply: {err}")
     else:
+        examples = float(parsed.num_examples)
         weight, note = trust.weight(node, examples)
         if note:
             entry["claimed_num_examples"], entry["num_examples"] = examples, weight
         if weight <= 0:
             reasons.append(note)
-    fisher = None
-    if "arrays" not in content.array_records:
-        reasons.append("malformed reply: needs an `arrays` ArrayRecord")
-    else:
         try:
             fisher = {k: v.numpy() for k, v in content["arrays"].items()}
             reasons.append(validate_fisher(fisher, reference, limit))

@@ -33,6 +33,7 @@ from fedseek.aggregator.robust import (RobustAggregate, clip_delta, delta_norm, 
 from fedseek.config import CompressionSettings, RobustSettings
 from fedseek.wire.arrays import to_record
 from fedseek.wire.compression import apply_delta, decode
+from fedseek.wire.replies import ARRAYS, ReplyError, TrainReply, claimed_institution, reported, wire_key
 
 logger = logging.getLogger("fedseek")
 
@@ -97,13 +98,12 @@ class AdapterFedAvg(FedAvg):
     def _update(self, msg: Message) -> tuple[dict[str, np.ndarray] | None, str | None]:
         """(the reply's update — a delta with compression, else full tensors —, or a rejection)."""
         content = msg.content
-        if "arrays" not in content.array_records or "metrics" not in content.metric_records:
-            return None, "malformed reply: needs an `arrays` ArrayRecord and a `metrics` MetricRecord"
-        examples = content["metrics"].get("num-examples")
-        if examples is None or not math.isfinite(float(examples)) or float(examples) <= 0:
-            return None, f"num-examples must be a positive finite count, got {examples}"
         try:
-            raw = {k: v.numpy() for k, v in content["arrays"].items()}
+            TrainReply.parse(content)  # records, counts and types (the privacy claims: `charge`)
+        except ReplyError as err:
+            return None, f"malformed reply: {err}"
+        try:
+            raw = {k: v.numpy() for k, v in content[ARRAYS].items()}
         except Exception as err:  # noqa: BLE001 - anything the wire format cannot turn into arrays
             return None, f"unreadable tensors: {err}"
         wire = int(sum(a.nbytes for a in raw.values()))
@@ -196,8 +196,8 @@ class AdapterFedAvg(FedAvg):
         total = sum(weights)
         summary = MetricRecord({
             "train-loss": sum(e["train_loss_last"] * w for e, w in zip(used, weights)) / total,
-            "bytes-up": float(sum(e["bytes_up"] for e in entries)),
-            "num-examples": total,
+            wire_key("bytes_up"): float(sum(e["bytes_up"] for e in entries)),
+            wire_key("num_examples"): total,
         })
         return to_record(merged), summary
 
@@ -237,14 +237,9 @@ class AdapterFedAvg(FedAvg):
 
 def _entry(msg: Message) -> dict:
     """The round log entry of one reply: claimed institution, node and its metrics (as floats)."""
-    content = msg.content
-    site = content.config_records.get("site")
-    name = str(site["institution"]) if site is not None and "institution" in site else \
-        f"node-{msg.metadata.src_node_id}"
+    claimed = claimed_institution(msg.content)
+    name = str(claimed) if claimed is not None else f"node-{msg.metadata.src_node_id}"
     entry: dict = {"institution": name, "node_id": int(msg.metadata.src_node_id),
-                   "train_loss_last": math.nan, "bytes_up": 0.0}
-    metrics = content.metric_records.get("metrics")
-    if metrics is not None:
-        entry.update({k.replace("-", "_"): float(v) for k, v in metrics.items()
-                      if isinstance(v, (int, float))})
+                   "train_loss_last": TrainReply.train_loss_last, "bytes_up": float(TrainReply.bytes_up)}
+    entry.update(reported(msg.content))  # every number, also of a refused reply: its privacy is charged
     return entry

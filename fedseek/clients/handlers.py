@@ -23,7 +23,7 @@ import zlib
 from functools import lru_cache
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, RecordDict
 
 from fedseek.clients.dp_trainer import LocalTrainer
 from fedseek.clients.recipe import round_phase
@@ -40,6 +40,7 @@ from fedseek.privacy.accountant import default_delta, epsilon
 from fedseek.privacy.planning import reserved_releases
 from fedseek.wire.arrays import to_record, to_tensors
 from fedseek.wire.compression import compress, delta_between
+from fedseek.wire.replies import CensusReply, FisherReply, TrainReply, ValidationReply
 
 logger = logging.getLogger("fedseek.clients")
 PRIVACY_STATE = "privacy-history"
@@ -210,17 +211,16 @@ def train_round(content: RecordDict, context: Context) -> RecordDict:
     arrays = to_record(sent)
     # training losses are computed on private records without clipping or noise: under DP they are
     # not released (NaN); the server's accuracy/loss on its own test set are the progress signal
-    released = not job.privacy.enabled
-    metrics = MetricRecord({
-        "num-examples": len(data), "train-loss-first": result.loss_before if released else math.nan,
-        "train-loss-last": result.loss_after if released else math.nan, "delta": result.delta,
-        "noise-multiplier": result.noise_multiplier, "sample-rate": result.sample_rate,
-        "steps": server_round * result.steps,
-        "bytes-up": sum(int(a.numpy().nbytes) for a in arrays.values()),
-    })
-    if job.privacy.enabled:  # cumulative over the scope's whole history, not this round alone
-        metrics["epsilon"], metrics["epsilon-rdp"] = result.epsilon, result.epsilon_rdp
-    return RecordDict({"arrays": arrays, "metrics": metrics, "site": ConfigRecord({"institution": name})})
+    released, dp = not job.privacy.enabled, job.privacy.enabled
+    return TrainReply(
+        num_examples=len(data), institution=name, noise_multiplier=result.noise_multiplier,
+        sample_rate=result.sample_rate, steps=server_round * result.steps, delta=result.delta,
+        bytes_up=sum(int(a.numpy().nbytes) for a in arrays.values()),
+        train_loss_first=result.loss_before if released else math.nan,
+        train_loss_last=result.loss_after if released else math.nan,
+        # cumulative over the scope's whole history, not this round alone
+        epsilon=result.epsilon if dp else None, epsilon_rdp=result.epsilon_rdp if dp else None,
+    ).to_records(arrays)
 
 
 def fisher_pass(content: RecordDict, context: Context) -> RecordDict:
@@ -239,16 +239,15 @@ def fisher_pass(content: RecordDict, context: Context) -> RecordDict:
     diagonal, entry = trainer.fisher(data, settings, source)
     if job.privacy.enabled:
         guard.charge("fisher", [entry], delta)
-    metrics = MetricRecord({"num-examples": len(data),
-                            "bytes-up": sum(int(t.numel() * 4) for t in diagonal.values())})
+    reply = FisherReply(num_examples=len(data), institution=name,
+                        bytes_up=sum(int(t.numel() * 4) for t in diagonal.values()))
     if job.privacy.enabled:
         history = _history(context, job) + [entry]
         _save_history(context, job, history)
-        metrics.update({"fisher-noise-multiplier": entry[0], "fisher-sample-rate": entry[1],
-                        "fisher-steps": entry[2], "delta": delta, "epsilon": epsilon(history, delta),
-                        "epsilon-rdp": epsilon(history, delta, "rdp")})
-    arrays = to_record(diagonal)
-    return RecordDict({"arrays": arrays, "metrics": metrics, "site": ConfigRecord({"institution": name})})
+        reply = dataclasses.replace(reply, fisher_noise_multiplier=entry[0], fisher_sample_rate=entry[1],
+                                    fisher_steps=entry[2], delta=delta, epsilon=epsilon(history, delta),
+                                    epsilon_rdp=epsilon(history, delta, "rdp"))
+    return reply.to_records(to_record(diagonal))
 
 
 def validation_counts(content: RecordDict, context: Context) -> RecordDict:
@@ -261,12 +260,12 @@ def validation_counts(content: RecordDict, context: Context) -> RecordDict:
     mode = guard.policy.validation_counts
     if mode == "refuse":
         raise PolicyRefusal("evaluate.validation", "the site does not release validation counts")
-    metrics = MetricRecord({"correct": 0.0, "total": 0})
+    reply = ValidationReply(correct=0.0, total=0, institution=name)
     if held is not None:
         correct, total = round(trainer.classifier.evaluate(held)["accuracy"] * len(held)), len(held)
-        metrics["total"] = total
+        reply = dataclasses.replace(reply, total=total)
         if mode == "exact":
-            metrics["correct"] = float(correct)
+            reply = dataclasses.replace(reply, correct=float(correct))
         else:
             sigma, delta = guard.policy.validation_noise, job.privacy.delta or default_delta(total)
             release = (sigma, 1.0, 1)
@@ -276,17 +275,16 @@ def validation_counts(content: RecordDict, context: Context) -> RecordDict:
             noised = correct + sigma * float(source.sampler.normal())
             guard.charge("validation", [release], delta)
             _save_history(context, job, history + [release])
-            metrics.update({"correct": float(min(max(noised, 0.0), total)), "noise-multiplier": sigma,
-                            "sample-rate": 1.0, "steps": 1, "delta": delta})
-    return RecordDict({"metrics": metrics, "site": ConfigRecord({"institution": name})})
+            reply = dataclasses.replace(reply, correct=float(min(max(noised, 0.0), total)), noise_multiplier=sigma,
+                                        sample_rate=1.0, steps=1, delta=delta)
+    return reply.to_records()
 
 
 def census(content: RecordDict, context: Context) -> RecordDict:
     """Who this node is and how many training records it holds for the job (counts only): the
     coordinator plans each institution's privacy budget from it before any training."""
     request = _setup(content, context)
-    return RecordDict({"metrics": MetricRecord({"num-examples": len(request.data)}),
-                       "site": ConfigRecord({"institution": request.institution})})
+    return CensusReply(num_examples=len(request.data), institution=request.institution).to_records()
 
 
 HANDLERS = {"train": train_round, "train.fisher": fisher_pass, "evaluate.validation": validation_counts,
