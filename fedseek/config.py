@@ -1,7 +1,7 @@
 """Job configuration: one documented dataclass per concern, flattened to `section.field` keys for
 Flower's ConfigRecord / run config and rebuilt on the other side; a field declared with `opt` is also a
 `fedseek simulate` option. A leaf: it imports nothing from fedseek (no Opacus, Flower or torch for a
-reader of a job). What a setting *does* lives with its concern; data functions are in fedseek.data.plan."""
+reader of a job). What a setting *does* lives with its concern; data functions: fedseek.data.plan."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,12 +10,11 @@ from typing import Any
 
 PERIOD_SEPARATOR = "|"  # between period names of a joint job
 # the choices of a setting (the CLI offers only these; __post_init__ refuses others where it checks)
-PARTITIONS = ("iid", "dirichlet")  # data.partition
+PARTITIONS, RECIPES = ("iid", "dirichlet"), ("probe", "lora")  # data.partition, recipe.name
 CODECS = ("none", "fp16", "int8", "int4")  # compression.codec
 RULES = ("fedavg", "trimmed-mean", "median")  # robust.rule
 METHODS = ("naive", "ewc", "online-ewc", "joint")  # ewc.method
 GRANULARITIES = ("tensor", "row", "coordinate")  # fisher.granularity
-RECIPES = ("probe", "lora")  # recipe.name
 
 
 def opt(default: Any, help: str, flag: str = "", **cli: Any) -> Any:
@@ -39,6 +38,7 @@ class DataSettings:
     alpha: float = opt(0.5, "Dirichlet concentration for --partition dirichlet.", min=1e-3)  # smaller: more non-IID
     max_length: int = 64  # tokens per record
     max_train_rows: int = opt(0, "Use at most this many training rows in total (0 = all).", min=0)
+    max_test_rows: int = opt(0, "Evaluate on a seeded random subset of this many test rows (0 = all).", min=0)
     periods: str = opt("", "Continual learning: period scheme years | intent-groups | condition-groups | column "
                        "| auto (the task's default); one federated job per period.")  # fedseek.data.periods
     period: str = ""  # the period(s) this job trains on, "|"-separated (several: joint training)

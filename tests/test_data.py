@@ -140,3 +140,13 @@ def test_a_process_reads_a_jobs_data_once_and_again_when_the_file_changes(tmp_pa
     job.data.data = str(tmp_path / "missing.csv")
     with pytest.raises(DataError, match="missing.csv"):
         federated_data(job)  # the loader's own error, naming the file
+
+
+def test_max_test_rows_takes_a_seeded_subset_of_the_test_set_and_leaves_training_alone(banking):
+    capped = load_federated_data("banking77", institutions=3, seed=0, max_test_rows=200)
+    assert len(capped.test) == 200 and len(banking.test) > 200
+    full = dict(zip(banking.test.texts, banking.test.labels.tolist()))
+    assert all(full[t] == label for t, label in zip(capped.test.texts, capped.test.labels.tolist()))
+    assert capped.test.texts == load_federated_data("banking77", institutions=3, seed=0, max_test_rows=200).test.texts
+    assert capped.test.texts != load_federated_data("banking77", institutions=3, seed=1, max_test_rows=200).test.texts
+    assert [r.texts for r in capped.train] == [r.texts for r in banking.train]

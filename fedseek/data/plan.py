@@ -20,7 +20,8 @@ def data_arguments(job: JobConfig) -> dict:
     return dict(task=d.task, institutions=job.federation.institutions, partition_scheme=d.partition,
                 alpha=d.alpha, seed=job.federation.seed, data=d.data, data_dir=d.data_dir,
                 test_data=d.test_data, text_column=d.text_column, label_column=d.label_column,
-                max_train_rows=d.max_train_rows or None, period_column=d.period_column)
+                max_train_rows=d.max_train_rows or None, period_column=d.period_column,
+                max_test_rows=d.max_test_rows or None)
 
 
 def federated_data(job: JobConfig):

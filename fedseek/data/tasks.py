@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -104,9 +104,23 @@ def load_federated_data(task: str = "banking77", institutions: int = 3, partitio
                         data_dir: str | None = None, test_data: str | None = None,
                         text_column: str = "text", label_column: str = "label",
                         test_fraction: float = 0.2, max_train_rows: int | None = None,
-                        period_column: str | None = None) -> FederatedData:
+                        period_column: str | None = None, max_test_rows: int | None = None) -> FederatedData:
     """Build the federation's data. Shipped `task`, or a user `data` file partitioned across
-    `institutions`, or a `data_dir` holding one file per institution (+ optional `test.*`)."""
+    `institutions`, or a `data_dir` holding one file per institution (+ optional `test.*`).
+    `max_train_rows` / `max_test_rows`: a seeded random subset of that many rows (quick runs)."""
+    federation = _federated_data(task, institutions, partition_scheme, alpha, seed, data, data_dir, test_data,
+                                 text_column, label_column, test_fraction, max_train_rows, period_column)
+    return replace(federation, test=_at_most(federation.test, max_test_rows, seed))
+
+
+def _at_most(rows: LabelledTexts, limit: int | None, seed: int) -> LabelledTexts:
+    if not limit or len(rows) <= limit:
+        return rows
+    return rows.subset(np.sort(np.random.default_rng(seed).permutation(len(rows))[:limit]))
+
+
+def _federated_data(task, institutions, partition_scheme, alpha, seed, data, data_dir, test_data, text_column,
+                    label_column, test_fraction, max_train_rows, period_column) -> FederatedData:
     if data and data_dir:
         raise DataError("give either --data or --data-dir, not both")
     if data_dir:
@@ -126,9 +140,7 @@ def load_federated_data(task: str = "banking77", institutions: int = 3, partitio
                             "(or pass --data FILE)")
         pool, test, _ = _LOADERS[task]()
         task_name, kind = task, _SITE_KIND[task]
-    if max_train_rows and len(pool) > max_train_rows:
-        keep = np.sort(np.random.default_rng(seed).permutation(len(pool))[:max_train_rows])
-        pool = pool.subset(keep)
+    pool = _at_most(pool, max_train_rows, seed)
     parts = partition(pool.labels, institutions, partition_scheme, alpha, seed)
     return FederatedData(task_name, pool.label_names, _site_names(kind, institutions),
                          [pool.subset(p) for p in parts], test)
