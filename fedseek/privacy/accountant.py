@@ -13,6 +13,8 @@ from functools import lru_cache
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
+from fedseek.privacy.noise_cache import cached_noise, remember_noise
+
 History = list[tuple[float, float, int]]
 
 
@@ -57,9 +59,14 @@ def _epsilon(entries: tuple[tuple[float, float, int], ...], delta: float, method
 
 @lru_cache(maxsize=64)
 def _fresh_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
-    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                      sample_rate=sample_rate, steps=steps, accountant="prv",
-                                      epsilon_tolerance=0.005))
+    spends = lambda sigma: epsilon([(sigma, sample_rate, steps)], delta)  # noqa: E731
+    sigma = cached_noise(target_epsilon, delta, sample_rate, steps, spends)
+    if sigma is None:
+        sigma = float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                           sample_rate=sample_rate, steps=steps, accountant="prv",
+                                           epsilon_tolerance=0.005))
+        remember_noise(target_epsilon, delta, sample_rate, steps, sigma)
+    return sigma
 
 
 def noise_for_budget(target_epsilon: float, delta: float, sample_rate: float, steps: int,
