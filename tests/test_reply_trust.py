@@ -19,8 +19,9 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
 
 from fedseek.aggregator.continual_app import ContinualRunner
+from fedseek.aggregator.period import round_row
 from fedseek.aggregator.reply_trust import Plans, ReplyTrust, train_plan
-from fedseek.aggregator.server_app import CensusError, _round_row, census
+from fedseek.aggregator.server_app import CensusError, census
 from fedseek.aggregator.strategy import AdapterFedAvg
 from fedseek.config import JobConfig, RobustSettings
 from fedseek.data.tasks import FederatedData
@@ -155,7 +156,7 @@ def test_a_spoofed_institution_name_changes_no_attribution_in_round_log_or_ledge
                                                           mlflow_uri="http://127.0.0.1:9"))
     reporter.preflight(job(), data)
     reporter.start(job(), data, {"accuracy": 0.0, "loss": 4.0})
-    reporter.round(_round_row(1, {"accuracy": 0.1, "loss": 4.0}, s.round_log[1], time.time()))
+    reporter.round(round_row(1, {"accuracy": 0.1, "loss": 4.0}, s.round_log[1], time.time()))
     with session_scope(db) as session:
         charged = sorted((e.institution.name, e.sigma, e.q, e.steps) for e in session.scalars(select(LedgerEntry)))
     assert charged == [(n, SIGMA, Q, STEPS) for n in ("bank_a", "bank_b", "bank_c")]

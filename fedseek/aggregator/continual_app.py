@@ -1,4 +1,5 @@
-"""Continual learning on the ServerApp: one federated job per data period, in one Flower run.
+"""Continual learning on the ServerApp: a loop over data periods, in one Flower run, around the
+same federated job as a plain run (`period.run_period`); `SequenceHooks` add what a sequence needs.
 
 The global adapter carries over from period to period. With EWC, after each period but the last
 every institution returns its DP Fisher diagonal at the global adapter (`train.fisher`); the
@@ -15,7 +16,6 @@ validation counts are charged too (`validation_reply`, `PlatformReporter.charge_
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import shutil
 import time
@@ -23,14 +23,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedseek.aggregator.reply_trust import ReplyTrust, fisher_reply
 from fedseek.aggregator.robust import update_byte_limit
-from fedseek.aggregator.rounds import Reporter, SilentReporter, run_rounds
-from fedseek.aggregator.server_app import _round_row, build_report, census, reply_trust
-from fedseek.aggregator.strategy import AdapterFedAvg, reply_origin
+from fedseek.aggregator.period import Period, PeriodHooks, reply_trust, run_period, write_report
+from fedseek.aggregator.rounds import Reporter, SilentReporter
+from fedseek.aggregator.server_app import census
+from fedseek.aggregator.strategy import reply_origin
 from fedseek.config import PERIOD_SEPARATOR, JobConfig
 from fedseek.continual.ewc import EWCState, consolidate, normalise_fisher
 from fedseek.continual.fisher import restrict_rows, weighted_fisher
@@ -41,6 +42,45 @@ from fedseek.models.lora import load_trainable_state, trainable_state
 from fedseek.wire.arrays import to_record, to_tensors
 
 logger = logging.getLogger("fedseek")
+
+
+class SequenceHooks(PeriodHooks):
+    """What a continual sequence adds to each period's job: the EWC state (Fisher, anchor) shipped
+    with every train message; after the rounds, the DP Fisher round at the period's adapter and
+    its consolidation into the state, and (with `matrix`) the adapter's accuracy on every
+    period's test split, appended as a row of the accuracy matrix."""
+
+    def __init__(self, runner: "ContinualRunner", state: EWCState, matrix: list[list[float]] | None = None):
+        self.runner, self.state, self.matrix = runner, state, matrix
+
+    def before_period(self, period: Period) -> dict[str, ArrayRecord] | None:
+        uses = period.job.ewc.uses_fisher and len(self.state)
+        return {"ewc": to_record(self.state.to_flat())} if uses else None
+
+    def after_period(self, period: Period, final: ArrayRecord, round_log: dict[int, list[dict]],
+                     stopped: str | None) -> dict:
+        job, runner = period.job, self.runner
+        extras = {"period": job.data.period, "data_scope": job.data.period_scope}
+        if stopped:
+            return {**extras, "fisher": []}
+        epsilon = {e["institution"]: e.get("epsilon") for e in round_log.get(job.federation.rounds, [])}
+        fisher, fisher_log = None, []
+        if job.ewc.fisher_after:
+            fisher, fisher_log = runner.federated_fisher(final, period.train_config, period.trust, job)
+            epsilon.update({e["institution"]: e["epsilon"] for e in fisher_log if "epsilon" in e})
+        if fisher is not None:
+            if period.data.active_labels is not None:
+                heads = [n for n, t in fisher.items()
+                         if "modules_to_save" in n and t.shape[0] == len(runner.label_names)]
+                fisher = restrict_rows(fisher, heads, list(period.data.active_labels))
+            self.state = consolidate(self.state, normalise_fisher(fisher), to_tensors(final), job.ewc)
+        extras.update(fisher=fisher_log, epsilon=epsilon if job.privacy.enabled else None)
+        if self.matrix is not None:  # the server's model holds `final`
+            self.matrix.append([runner.classifier.evaluate(runner.tests[p])["accuracy"] for p in runner.periods])
+            if len(self.matrix) == len(runner.periods) or job.ewc.method == "joint":
+                extras["cl"] = cl_summary(self.matrix, runner.periods, job.ewc.method,
+                                          job.ewc.lam if job.ewc.uses_fisher else None)
+        return extras
 
 
 class ContinualRunner:
@@ -78,62 +118,21 @@ class ContinualRunner:
 
     def train_period(self, job: JobConfig, arrays: ArrayRecord, state: EWCState,
                      matrix: list[list[float]] | None = None) -> dict:
-        """One period's federated job. With `matrix` (the rows so far), the adapter is scored on every
-        period and the row appended; the last period's report then carries the `cl` block."""
+        """One period's federated job (`period.run_period` with this sequence's hooks). With
+        `matrix` (the rows so far), the adapter is scored on every period and the row appended;
+        the last period's report then carries the `cl` block."""
         started = time.time()
         data = job_data(job)
-        train_config = self.message_config(job, data)
-        extra = {"ewc": to_record(state.to_flat())} if job.ewc.uses_fisher and len(state) else None
-        trust = reply_trust(job, data, self.nodes)
-        strategy = AdapterFedAvg(job.federation.institutions, job.compression, extra_records=extra,
-                                 robust=job.robust, node_names=self.nodes, trust=trust)
-        test = self.tests[job.data.period] if job.data.period in self.tests else None
+        test = self.tests.get(job.data.period)
         load_trainable_state(self.classifier.model, to_tensors(arrays))
         initial = self.classifier.evaluate(test) if test else {"accuracy": float("nan"), "loss": float("nan")}
-        self.reporter.start(job, data, initial)
-        rows: list[dict] = []
-
-        def evaluate(server_round: int, current: ArrayRecord) -> MetricRecord | None:
-            if server_round == 0 or test is None:
-                return None
-            load_trainable_state(self.classifier.model, to_tensors(current))
-            evaluation = self.classifier.evaluate(test)
-            rows.append(_round_row(server_round, evaluation, strategy.round_log.get(server_round, []), started))
-            self.reporter.round(rows[-1])
-            return MetricRecord(evaluation)
-
-        final, stopped = run_rounds(strategy, self.grid, arrays, job.federation.rounds, train_config, evaluate,
-                                    self.reporter)
-        if stopped:  # a budget would be exceeded: end the sequence cleanly
-            report = build_report(job, data, self.classifier, initial, rows, strategy.round_log, started)
-            report.update(period=job.data.period, data_scope=job.data.period_scope, fisher=[], stopped=stopped)
-            (Path(job.federation.out) / "report.json").write_text(json.dumps(report, indent=2))
-            self.reporter.finish(report)
-            return {"arrays": arrays, "state": state, "report": report, "seconds": time.time() - started,
-                    "stopped": stopped}
-        epsilon = {e["institution"]: e.get("epsilon") for e in strategy.round_log.get(job.federation.rounds, [])}
-        fisher, fisher_log = None, []
-        if job.ewc.fisher_after:
-            fisher, fisher_log = self.federated_fisher(final, train_config, trust, job)
-            epsilon.update({e["institution"]: e["epsilon"] for e in fisher_log if "epsilon" in e})
-        if fisher is not None:
-            if data.active_labels is not None:
-                heads = [n for n, t in fisher.items() if "modules_to_save" in n and t.shape[0] == len(self.label_names)]
-                fisher = restrict_rows(fisher, heads, list(data.active_labels))
-            state = consolidate(state, normalise_fisher(fisher), to_tensors(final), job.ewc)
-        load_trainable_state(self.classifier.model, to_tensors(final))
-        report = build_report(job, data, self.classifier, initial, rows, strategy.round_log, started)
-        report.update(period=job.data.period, data_scope=job.data.period_scope, fisher=fisher_log,
-                      epsilon=epsilon if job.privacy.enabled else None)
-        if matrix is not None:
-            matrix.append([self.classifier.evaluate(self.tests[p])["accuracy"] for p in self.periods])
-            if len(matrix) == len(self.periods) or job.ewc.method == "joint":
-                report["cl"] = cl_summary(matrix, self.periods, job.ewc.method,
-                                          job.ewc.lam if job.ewc.uses_fisher else None)
-        (Path(job.federation.out) / "report.json").write_text(json.dumps(report, indent=2))
-        self.reporter.finish(report)
-        return {"arrays": final, "state": state, "report": report,
-                "seconds": time.time() - started}
+        period = Period(job, data, self.classifier, test, arrays, initial, self.nodes,
+                        reply_trust(job, data, self.nodes), self.message_config(job, data), started)
+        hooks = SequenceHooks(self, state, matrix)
+        final, report, stopped = run_period(self.grid, period, self.reporter, hooks)
+        # stopped (a budget would be exceeded): the sequence ends cleanly, the period is not carried over
+        return {"arrays": arrays if stopped else final, "state": hooks.state, "report": report,
+                "seconds": time.time() - started, "stopped": stopped}
 
     def message_config(self, job: JobConfig, data) -> ConfigRecord:
         """What institutions need to rebuild the job: its flat config, the label names and, in a
@@ -274,7 +273,7 @@ def run_continual(grid: Grid, job: JobConfig, reporter: Reporter | None = None,
     if tune_only:
         report = {"task": job.data.task, "periods": runner.periods, "lambda_selection": selection,
                   "wall_seconds": round(time.time() - started, 1)}
-        (out / "report.json").write_text(json.dumps(report, indent=2))
+        write_report(out, report)
         return report
     arms = {}
     for method in (job.ewc.method, *[m for m in compare if m != job.ewc.method]):
@@ -290,5 +289,5 @@ def run_continual(grid: Grid, job: JobConfig, reporter: Reporter | None = None,
               "cl": main, "cl_compare": {m: s for m, s in arms.items() if m != job.ewc.method},
               "lambda_selection": selection, "adapter_dir": str(out / "adapter"),
               "config": job.to_flat(), "wall_seconds": round(time.time() - started, 1)}
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    write_report(out, report)
     return report

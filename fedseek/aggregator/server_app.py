@@ -1,5 +1,6 @@
 """Flower ServerApp: FedAvg over LoRA adapters with centralized evaluation on the global test set
-each round; saves the final adapter in PEFT format and writes report.json.
+each round (`period.run_period`, which also saves the final adapter and writes report.json), and
+the census that binds node ids to institutions.
 
 `make_server_app(job, reporter)` is what `fedseek simulate` runs; the `flwr run` entry, which
 reads the job from the run config, is `fedseek.platform.flower_app:app` (the platform composes,
@@ -7,29 +8,24 @@ the aggregator never imports it).
 """
 from __future__ import annotations
 
-import json
 import logging
-import math
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedseek.aggregator.reply_trust import Plans, ReplyTrust
-from fedseek.aggregator.rounds import Reporter, SilentReporter, run_rounds
-from fedseek.aggregator.strategy import AdapterFedAvg, reply_origin
+from fedseek.aggregator.period import Period, reply_trust, run_period
+from fedseek.aggregator.rounds import Reporter, SilentReporter
+from fedseek.aggregator.strategy import reply_origin
 from fedseek.config import JobConfig
 from fedseek.data.plan import federated_data
 from fedseek.data.tasks import FederatedData
 from fedseek.models.classifier import AdapterClassifier
-from fedseek.models.loading import base_model_bytes, base_model_hash, resolve_base
 from fedseek.models.lora import load_trainable_state, trainable_state
-from fedseek.privacy.randomness import noise_label
-from fedseek.wire.arrays import to_record, to_tensors
+from fedseek.wire.arrays import to_record
 
 
 logger = logging.getLogger("fedseek")
@@ -38,12 +34,12 @@ logger = logging.getLogger("fedseek")
 def run_federation(grid: Grid, job: JobConfig, reporter: Reporter | None = None,
                    sites: FederatedData | None = None, nodes: dict[int, str] | None = None,
                    resume=None) -> dict:
-    """Run the whole job on `grid` and return the report (also written to `out/report.json`).
+    """Run the whole job on `grid` and return the report (also written to `out/report.json`): the
+    one-period case of `period.run_period`, with no hooks.
     `sites`: the institutions as a census found them (deployment), reported instead of the
     server's own view of the data; `nodes`: node id -> institution, the only nodes that train
     (without them, i.e. in simulation, a census binds each node id to its institution first);
     `resume`: a `fedseek.platform.store.resume.ResumePoint` (rounds 1..k committed): go on from round k+1."""
-    reporter = reporter or SilentReporter()
     started = time.time()
     data = federated_data(job)
     classifier = AdapterClassifier(job.federation.base_model, len(data.label_names), job.lora,
@@ -54,109 +50,13 @@ def run_federation(grid: Grid, job: JobConfig, reporter: Reporter | None = None,
     done = resume.committed if resume else 0  # Flower numbers this run's rounds 1..; the job's are done+1..
     if resume and resume.tensors is not None:
         load_trainable_state(classifier.model, {k: torch.from_numpy(np.array(v)) for k, v in resume.tensors.items()})
-    initial_arrays = to_record(trainable_state(classifier.model))
     if nodes is None:  # simulation: bind node ids to institutions, counts checked against the split
         nodes = {node: name for name, node in census(grid, job, expected=data)[1].items()}
-    trust = reply_trust(job, sites or data, nodes, done)
-    reporter.start(job, sites or data, initial)
-    strategy = AdapterFedAvg(job.federation.institutions, job.compression, robust=job.robust,
-                             node_names=nodes, min_institutions=job.federation.min_institutions,
-                             rejoin_wait=job.federation.rejoin_wait, trust=trust)
-    rows: list[dict] = list(resume.rows) if resume else []
-
-    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if server_round == 0:
-            return MetricRecord(initial)
-        tensors = to_tensors(arrays)
-        load_trainable_state(classifier.model, tensors)
-        evaluation = classifier.evaluate(test)
-        rows.append(_round_row(done + server_round, evaluation, strategy.round_log.get(server_round, []), started))
-        if strategy.dropped_log.get(server_round):
-            rows[-1]["dropped"] = strategy.dropped_log[server_round]
-        if strategy.aggregate_log.get(server_round):
-            rows[-1]["aggregate_rejected"] = strategy.aggregate_log[server_round]
-        # the global adapter of this round (e.g. on disk) before the round is committed
-        reporter.checkpoint(done + server_round, {k: v.numpy() for k, v in tensors.items()})
-        reporter.round(rows[-1])
-        return MetricRecord(evaluation)
-
     train_config = ConfigRecord({**job.to_flat(), "label-names": list(data.label_names), "round-offset": done})
-    stopped = None
-    round_log = strategy.round_log
-    if job.federation.rounds > done:  # `final`: the last committed round's adapter, also if stopped early
-        final, stopped = run_rounds(strategy, grid, initial_arrays, job.federation.rounds - done, train_config,
-                                    evaluate, reporter, timeout=job.federation.round_timeout)
-        load_trainable_state(classifier.model, to_tensors(final))
-    else:  # every round was committed before the interruption: only the report is left
-        round_log = {done: rows[-1]["clients"]} if rows else {}
-    report = build_report(job, sites or data, classifier, initial, rows, round_log, started)
-    if resume:
-        report["resumed_after_round"] = done
-    if stopped:
-        report["stopped"] = stopped
-    if stopped or resume:
-        (Path(job.federation.out) / "report.json").write_text(json.dumps(report, indent=2))
-    reporter.finish(report)
-    return report
-
-
-def reply_trust(job: JobConfig, data: FederatedData, nodes: dict[int, str], done: int = 0) -> ReplyTrust:
-    """What the coordinator knows of each bound node: its institution's record count in `data`
-    (census counts in deployment, the server's own split in simulation) and, with DP, its plan."""
-    counts = {name: len(rows) for name, rows in zip(data.institutions, data.train)}
-    records = {node: counts[name] for node, name in nodes.items() if name in counts}
-    return ReplyTrust(records, Plans(job, records) if job.privacy.enabled else None, done)
-
-
-def _round_row(server_round: int, evaluation: dict, clients: list[dict], started: float) -> dict:
-    return {"round": server_round, "accuracy": evaluation["accuracy"], "loss": evaluation["loss"],
-            "train_loss": float(np.mean(losses)) if (losses := [c["train_loss_last"] for c in clients
-                                                                 if "rejected" not in c]) else math.nan,
-            "bytes_up": int(sum(c["bytes_up"] for c in clients)),
-            "epsilon": {c["institution"]: c.get("epsilon") for c in clients},
-            "elapsed_s": round(time.time() - started, 1), "clients": clients}
-
-
-def build_report(job: JobConfig, data: FederatedData, classifier: AdapterClassifier,
-                 initial: dict, rows: list[dict], round_log: dict[int, list[dict]], started: float) -> dict:
-    out = Path(job.federation.out)
-    adapter_dir = out / "adapter"
-    classifier.model.save_pretrained(adapter_dir)
-    (adapter_dir / "labels.json").write_text(json.dumps(data.label_names))
-    final_clients = {c["institution"]: c for c in round_log.get(max(round_log, default=0), [])}
-    dp = job.privacy.enabled
-    per_site = lambda key: {n: c.get(key) for n, c in final_clients.items()}  # noqa: E731
-    model = classifier.model
-    report = {
-        "task": data.task, "institutions": data.institutions,
-        "train_examples": {n: len(t) for n, t in zip(data.institutions, data.train)},
-        "test_examples": len(data.test), "num_labels": len(data.label_names),
-        "dp": dp, "dp_noise": noise_label(dp, job.privacy.reproducible_noise),
-        "initial_accuracy": initial["accuracy"], "initial_loss": initial["loss"],
-        "final_accuracy": rows[-1]["accuracy"] if rows else initial["accuracy"],
-        "final_loss": rows[-1]["loss"] if rows else initial["loss"], "rounds": rows,
-        "epsilon": per_site("epsilon") if dp else None,
-        "epsilon_rdp": per_site("epsilon_rdp") if dp else None,
-        "target_epsilon": job.privacy.target_epsilon if dp else None,
-        "delta": max(per_site("delta").values(), default=None),
-        "noise_multiplier": min(per_site("noise_multiplier").values(), default=None) if dp else 0.0,
-        "sampling_rate": max(per_site("sample_rate").values(), default=None),
-        "steps": int(max(per_site("steps").values(), default=0)),
-        "clip_norm": job.privacy.clip_norm if dp else None,
-        "lora_rank": job.lora.rank, "ffa": job.lora.ffa,
-        "adapter_bytes": sum(p.stat().st_size for p in adapter_dir.glob("*.safetensors")),
-        "bytes_up_per_round": int(np.mean([sum(c["bytes_up"] for c in v) for v in round_log.values()]))
-        if round_log else 0,
-        "base_model": str(resolve_base(job.federation.base_model)),
-        "base_model_sha256": base_model_hash(job.federation.base_model),
-        "base_model_bytes": base_model_bytes(job.federation.base_model),
-        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "total_params": sum(p.numel() for p in model.parameters()),
-        "adapter_dir": str(adapter_dir), "wall_seconds": round(time.time() - started, 1),
-        "config": job.to_flat(),
-    }
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    return report
+    period = Period(job, sites or data, classifier, test, to_record(trainable_state(classifier.model)), initial,
+                    nodes, reply_trust(job, sites or data, nodes, done), train_config, started, done,
+                    list(resume.rows) if resume else [], resumed=resume is not None)
+    return run_period(grid, period, reporter or SilentReporter())[1]
 
 
 @dataclass
