@@ -53,3 +53,26 @@ def test_simulate_refuses_clearly_when_the_platform_db_is_unreachable(env, tmp_p
     proc = fedseek(env, "simulate", "--max-train-rows", "120", "--rounds", "1", "--out", str(tmp_path / "out"))
     assert proc.returncode == 2 and "platform DB unreachable" in proc.stderr and "--no-track" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "out" / "report.json").exists()
+
+
+def test_versions_without_a_task_lists_every_tasks_versions(env, tmp_path):
+    empty = fedseek(env, "versions")
+    assert empty.returncode == 1 and "no registered adapter versions yet" in empty.stderr
+    from mlflow.tracking import MlflowClient
+
+    home = tmp_path / "home"
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    for task, accuracy in (("banking77", "0.65"), ("pubmedqa", "0.53")):
+        client.create_registered_model(f"fedseek-{task}")
+        version = client.create_model_version(f"fedseek-{task}", source=str(tmp_path / task), tags={
+            "accuracy": accuracy, "epsilon": "7.99", "promotion": "champion", "promotion_reason": "first version"})
+        client.set_registered_model_alias(f"fedseek-{task}", "champion", version.version)
+    client.create_registered_model("someone-else")  # not a FedSeek task: not listed
+    listing = fedseek({**env, "COLUMNS": "200"}, "versions")
+    assert listing.returncode == 0, listing.stderr
+    rows = [line for line in listing.stdout.splitlines() if "fedseek-" in line]
+    assert len(rows) == 2 and "65.00%" in rows[0] and "53.00%" in rows[1] and "someone-else" not in listing.stdout
+    assert all("champion" in row for row in rows)
+    one = fedseek({**env, "COLUMNS": "200"}, "versions", "--task", "pubmedqa")
+    assert one.returncode == 0 and "fedseek-pubmedqa" in one.stdout and "fedseek-banking77" not in one.stdout

@@ -188,22 +188,27 @@ def resume(job_id: int = typer.Argument(..., help="The job to continue (see `fed
                   f"accuracy {report['final_accuracy']:.2%}")
 
 
-def versions(task: str = typer.Option(..., help="Task whose registered adapter versions to list.")) -> None:
-    """List registered adapter versions of a task with aliases and promotion decisions."""
+def versions(task: str = typer.Option(None, help="Task whose registered adapter versions to list "
+                                      "(default: every task's).")) -> None:
+    """List registered adapter versions (every task's, or one task's) with aliases and promotion decisions."""
     from mlflow.exceptions import MlflowException
 
-    from fedseek.platform.mlflow.registry import model_name, versions as list_versions
+    from fedseek.platform.mlflow.registry import model_name, task_models, versions as list_versions
 
     try:
-        rows = list_versions(_client(), model_name(task))
+        client = _client()
+        names = [model_name(task)] if task else task_models(client)
+        rows = [(name, r) for name in names for r in list_versions(client, name)]
     except MlflowException as err:
         fail(f"MLflow ({_settings().tracking_uri}): {str(err).splitlines()[0]}")
     if not rows:
-        fail(f"no registered versions of task {task!r} (model {model_name(task)})", 1)
-    table = Table("version", "aliases", "accuracy", "epsilon", "promotion", "reason", title=model_name(task))
-    for r in rows:
+        fail(f"no registered versions of task {task!r} (model {model_name(task)})" if task else
+             "no registered adapter versions yet: every tracked `fedseek simulate` registers one", 1)
+    table = Table("model", "version", "aliases", "accuracy", "epsilon", "promotion", "reason",
+                  title=names[0] if task else "registered adapter versions")
+    for name, r in rows:
         accuracy = "-" if r["accuracy"] is None else f"{float(r['accuracy']):.2%}"
-        table.add_row(r["version"], ",".join(r["aliases"]), accuracy, r["epsilon"] or "-",
+        table.add_row(name, r["version"], ",".join(r["aliases"]), accuracy, r["epsilon"] or "-",
                       r["promotion"], r["reason"])
     console.print(table)
 

@@ -118,6 +118,12 @@ def versions(client, name: str) -> list[dict]:
     return rows
 
 
+def task_models(client) -> list[str]:
+    """The registered model of every task (`fedseek-<task>`), by name."""
+    prefix = model_name("")
+    return sorted(m.name for m in client.search_registered_models(f"name LIKE '{prefix}%'"))
+
+
 def download(client, name: str, alias: str, destination: str) -> str:
     """Download the adapter directory of `name@alias`; returns its local path."""
     import mlflow
