@@ -34,6 +34,7 @@ class DataSettings:
     test_data: str | None = opt(None, "Global test file for --data (default: 20% stratified hold-out).", path=True)
     text_column: str = opt("text", "Column holding the text.")
     label_column: str = opt("label", "Column holding the label.")
+    encoding: str = opt("utf-8", "Text encoding of your data files, e.g. latin-1 or cp1252 (a Python codec name).")
     partition: str = opt("iid", "How records are split across institutions.", choices=PARTITIONS)
     alpha: float = opt(0.5, "Dirichlet concentration for --partition dirichlet.", min=1e-3)  # smaller: more non-IID
     max_length: int = 64  # tokens per record
@@ -61,10 +62,9 @@ class DataSettings:
         only slices of one scheme (same parameters) over one dataset are disjoint."""
         if not self.periods:
             return "none"
-        if self.periods in ("intent-groups", "condition-groups"):  # label ids: positions in the label column's set
-            params = f"groups={self.period_groups},labels={self.label_column}"
-        else:
-            params = f"column={self.period_column or ''},freq={self.period_freq}"
+        params = (f"groups={self.period_groups},labels={self.label_column}"  # label ids: positions in its set
+                  if self.periods in ("intent-groups", "condition-groups")
+                  else f"column={self.period_column or ''},freq={self.period_freq}")
         return f"{self.periods}({params})"
 
 

@@ -17,6 +17,8 @@ def fedseek(*args: str) -> subprocess.CompletedProcess:
     ("text,label\nhello,a\n,b\n", [], "notes.csv:3: empty 'text'"),
     ("words,label\nhello,a\n", [], "column 'text' (--text-column) not found"),
     (b"text,label\nfine,a\nbad \xff byte,b\n", [], "notes.csv:3: not valid UTF-8"),
+    (b"text,label\nfine,a\ncaf\xe9,b\n", ["--encoding", "ascii"], "notes.csv:3: not valid ascii"),
+    ("text,label\nfine,a\n", ["--encoding", "latin-9x"], "unknown --encoding 'latin-9x'"),
     ("text,label\n" + "x,a\n" * 60, ["--lora-targets", "query_key_value"], "match no linear layer"),
 ])
 def test_bad_input_is_refused_with_file_and_line(tmp_path, content, args, message):

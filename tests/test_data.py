@@ -150,3 +150,18 @@ def test_max_test_rows_takes_a_seeded_subset_of_the_test_set_and_leaves_training
     assert capped.test.texts == load_federated_data("banking77", institutions=3, seed=0, max_test_rows=200).test.texts
     assert capped.test.texts != load_federated_data("banking77", institutions=3, seed=1, max_test_rows=200).test.texts
     assert [r.texts for r in capped.train] == [r.texts for r in banking.train]
+
+
+def test_a_latin1_file_reads_with_its_encoding_and_names_file_and_line_without_it(tmp_path):
+    path = tmp_path / "notes.csv"
+    path.write_bytes("text,label\nfine,a\ncafé au lait,b\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"notes.csv:3: not valid UTF-8 .*--encoding"):
+        read_labelled_file(path, "text", "label")
+    rows = read_labelled_file(path, "text", "label", encoding="latin-1")
+    assert rows.texts == ["fine", "café au lait"]
+    path.write_bytes(("text,label\n" + "".join(f"café {i},{'ab'[i % 2]}\n" for i in range(40))).encode("latin-1"))
+    data = load_federated_data(data=str(path), institutions=1, test_data=str(path), encoding="latin-1")
+    assert "café 3" in data.test.texts and "café 3" in data.train[0].texts
+    utf16 = tmp_path / "wide.csv"
+    utf16.write_text("text,label\nfine,a\nnaïve,b\n", encoding="utf-16")
+    assert read_labelled_file(utf16, "text", "label", encoding="utf-16").texts == ["fine", "naïve"]

@@ -76,7 +76,8 @@ def _site_rows(job: JobConfig, node_config: dict, label_names: list[str],
         data = job_data(job)
         return data.institutions[pid], data.train[pid], (data.validation or [None] * (pid + 1))[pid]
     d = job.data
-    rows = read_labelled_file(path, d.text_column, d.label_column, d.period_column, label_names=label_names)
+    rows = read_labelled_file(path, d.text_column, d.label_column, d.period_column, label_names=label_names,
+                              encoding=d.encoding)
     if d.periods:
         names = [n for n in d.period.split(PERIOD_SEPARATOR) if n]
         index = np.unique(np.concatenate([Period(n, active).selects(rows, d.periods, d.period_freq)

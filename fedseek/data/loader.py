@@ -60,24 +60,31 @@ class LabelledTexts:
         )
 
 
-def _decode(path: Path) -> str:
+def _decode(path: Path, encoding: str = "utf-8") -> str:
+    import codecs
+
+    try:
+        codec = codecs.lookup(encoding).name
+    except LookupError:
+        raise DataError(f"unknown --encoding {encoding!r} (a Python codec name such as utf-8, latin-1, cp1252)",
+                        "data.encoding") from None
     raw = path.read_bytes()
     try:
-        text = raw.decode("utf-8-sig")
+        text = raw.decode("utf-8-sig" if codec == "utf-8" else codec)
     except UnicodeDecodeError as err:
         line = raw[: err.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not valid UTF-8 (byte {raw[err.start]:#04x} at offset "
-                        f"{err.start}); re-save the file as UTF-8") from None
-    if b"\x00" in raw:
-        line = raw[: raw.index(b"\x00")].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: contains a NUL byte (a binary or UTF-16 file?); "
-                        "re-save it as UTF-8 text")
+        raise DataError(f"{path}:{line}: not valid {'UTF-8' if codec == 'utf-8' else codec} (byte {raw[err.start]:#04x} at offset {err.start}); "
+                        "re-save the file as UTF-8 or give its encoding (--encoding, e.g. latin-1)") from None
+    if "\x00" in text:
+        line = text[: text.index("\x00")].count("\n") + 1
+        raise DataError(f"{path}:{line}: contains a NUL character (a binary or UTF-16 file?); "
+                        "re-save it as UTF-8 text or give its encoding (--encoding utf-16)")
     return text
 
 
-def _read_rows(path: Path) -> list[tuple[int, dict]]:
+def _read_rows(path: Path, encoding: str = "utf-8") -> list[tuple[int, dict]]:
     """(line number, record) pairs; line numbers are 1-based physical lines of the file."""
-    text = _decode(path)
+    text = _decode(path, encoding)
     if not text.strip():
         raise DataError(f"{path}: file is empty")
     suffix = path.suffix.lower()
@@ -125,13 +132,13 @@ def _read_rows(path: Path) -> list[tuple[int, dict]]:
 
 def read_labelled_file(path: str | Path, text_column: str, label_column: str,
                        period_column: str | None = None,
-                       label_names: list[str] | None = None) -> LabelledTexts:
-    """Read one CSV/JSONL file. With `label_names` given, a label outside it is an error
-    (e.g., a test file naming a class no institution trains on)."""
+                       label_names: list[str] | None = None, encoding: str = "utf-8") -> LabelledTexts:
+    """Read one CSV/JSONL file (text in `encoding`). With `label_names` given, a label outside it is
+    an error (e.g., a test file naming a class no institution trains on)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    rows = _read_rows(path)
+    rows = _read_rows(path, encoding)
     columns = set(rows[0][1])
     for role, column in (("--text-column", text_column), ("--label-column", label_column),
                          ("--period-column", period_column)):

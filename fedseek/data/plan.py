@@ -21,7 +21,7 @@ def data_arguments(job: JobConfig) -> dict:
                 alpha=d.alpha, seed=job.federation.seed, data=d.data, data_dir=d.data_dir,
                 test_data=d.test_data, text_column=d.text_column, label_column=d.label_column,
                 max_train_rows=d.max_train_rows or None, period_column=d.period_column,
-                max_test_rows=d.max_test_rows or None)
+                max_test_rows=d.max_test_rows or None, encoding=d.encoding)
 
 
 def federated_data(job: JobConfig):

@@ -11,6 +11,7 @@ import csv
 import json
 import string
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -104,11 +105,14 @@ def load_federated_data(task: str = "banking77", institutions: int = 3, partitio
                         data_dir: str | None = None, test_data: str | None = None,
                         text_column: str = "text", label_column: str = "label",
                         test_fraction: float = 0.2, max_train_rows: int | None = None,
-                        period_column: str | None = None, max_test_rows: int | None = None) -> FederatedData:
+                        period_column: str | None = None, max_test_rows: int | None = None,
+                        encoding: str = "utf-8") -> FederatedData:
     """Build the federation's data. Shipped `task`, or a user `data` file partitioned across
     `institutions`, or a `data_dir` holding one file per institution (+ optional `test.*`).
-    `max_train_rows` / `max_test_rows`: a seeded random subset of that many rows (quick runs)."""
-    federation = _federated_data(task, institutions, partition_scheme, alpha, seed, data, data_dir, test_data,
+    `max_train_rows` / `max_test_rows`: a seeded random subset of that many rows (quick runs);
+    `encoding`: of the user's files (shipped tasks are UTF-8)."""
+    read = partial(read_labelled_file, encoding=encoding)
+    federation = _federated_data(read, task, institutions, partition_scheme, alpha, seed, data, data_dir, test_data,
                                  text_column, label_column, test_fraction, max_train_rows, period_column)
     return replace(federation, test=_at_most(federation.test, max_test_rows, seed))
 
@@ -119,16 +123,16 @@ def _at_most(rows: LabelledTexts, limit: int | None, seed: int) -> LabelledTexts
     return rows.subset(np.sort(np.random.default_rng(seed).permutation(len(rows))[:limit]))
 
 
-def _federated_data(task, institutions, partition_scheme, alpha, seed, data, data_dir, test_data, text_column,
+def _federated_data(read, task, institutions, partition_scheme, alpha, seed, data, data_dir, test_data, text_column,
                     label_column, test_fraction, max_train_rows, period_column) -> FederatedData:
     if data and data_dir:
         raise DataError("give either --data or --data-dir, not both")
     if data_dir:
-        return _from_directory(Path(data_dir), text_column, label_column, test_fraction, seed, period_column)
+        return _from_directory(read, Path(data_dir), text_column, label_column, test_fraction, seed, period_column)
     if data:
-        pool = read_labelled_file(data, text_column, label_column, period_column)
+        pool = read(data, text_column, label_column, period_column)
         if test_data:
-            test = read_labelled_file(test_data, text_column, label_column, period_column,
+            test = read(test_data, text_column, label_column, period_column,
                                       label_names=pool.label_names)
         else:
             keep, held = stratified_split(pool.labels, test_fraction, seed)
@@ -146,17 +150,17 @@ def _federated_data(task, institutions, partition_scheme, alpha, seed, data, dat
                          [pool.subset(p) for p in parts], test)
 
 
-def _from_directory(directory: Path, text_column: str, label_column: str, test_fraction: float,
+def _from_directory(read, directory: Path, text_column: str, label_column: str, test_fraction: float,
                     seed: int, period_column: str | None = None) -> FederatedData:
     files = find_data_files(directory)
     site_files = [p for p in files if p.stem != "test"]
     test_files = [p for p in files if p.stem == "test"]
-    sites = [read_labelled_file(p, text_column, label_column, period_column) for p in site_files]
+    sites = [read(p, text_column, label_column, period_column) for p in site_files]
     names = sorted(set().union(*(s.label_names for s in sites)))
-    sites = [read_labelled_file(p, text_column, label_column, period_column, label_names=names)
+    sites = [read(p, text_column, label_column, period_column, label_names=names)
              for p in site_files]
     if test_files:
-        test = read_labelled_file(test_files[0], text_column, label_column, period_column, label_names=names)
+        test = read(test_files[0], text_column, label_column, period_column, label_names=names)
     else:  # each institution holds out part of its rows; their union is the global test set
         held_parts, kept = [], []
         for site in sites:
