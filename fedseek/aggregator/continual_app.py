@@ -40,6 +40,7 @@ from fedseek.data.plan import job_data, period_names
 from fedseek.models.classifier import AdapterClassifier
 from fedseek.models.lora import load_trainable_state, trainable_state
 from fedseek.wire.arrays import to_record, to_tensors
+from fedseek.wire.replies import ReplyError, ValidationReply
 
 logger = logging.getLogger("fedseek")
 
@@ -242,23 +243,19 @@ def validation_reply(reply: Message, institution: str | None = None
     1: `correct`; `total`, like num-examples, is a disclosed count), `sample-rate`, `steps` and
     `delta`: a release, charged like any other (at sample rate 1, whatever rate the reply claims).
     Exact counts (a site policy that allows them) carry none and are not charged."""
-    metrics = reply.content["metrics"]
-    site = institution or (str(reply.content["site"]["institution"]) if "site" in reply.content else None)
-    counts = (float(metrics.get("correct", float("nan"))), float(metrics.get("total", float("nan"))))
-    usable = all(np.isfinite(c) for c in counts)
-    if "noise-multiplier" not in metrics:
-        return (counts if usable else None), None
-    sigma, delta = float(metrics["noise-multiplier"]), float(metrics.get("delta", float("nan")))
-    steps = float(metrics.get("steps", 1))
-    bad = [name for name, ok in (("noise-multiplier", np.isfinite(sigma) and sigma > 0),
-                                 ("delta", 0 < delta < 1), ("steps", 1 <= steps <= 1e6 and steps == int(steps)),
-                                 ("institution", bool(site)))
-           if not ok]
-    if bad:  # unaccountable: neither use the counts nor guess a charge
-        logger.warning("validation reply from node %s ignored: bad %s", reply.metadata.src_node_id, ", ".join(bad))
+    try:
+        parsed = ValidationReply.from_message(reply)
+    except ReplyError as err:  # unaccountable: neither use the counts nor guess a charge
+        logger.warning("validation reply from node %s ignored: %s", reply.metadata.src_node_id, err)
         return None, None
-    return (counts if usable else None), {"institution": site, "sigma": sigma, "delta": delta, "counts": 1,
-                                          "steps": int(steps)}
+    site = institution or parsed.institution
+    if parsed.noise_multiplier is None:  # exact counts (the site's policy allows them): no release
+        return parsed.counts, None
+    if not site:
+        logger.warning("validation reply from node %s ignored: no institution", reply.metadata.src_node_id)
+        return None, None
+    return parsed.counts, {"institution": site, "sigma": parsed.noise_multiplier, "delta": parsed.delta,
+                           "counts": 1, "steps": parsed.steps}
 
 
 def run_continual(grid: Grid, job: JobConfig, reporter: Reporter | None = None,

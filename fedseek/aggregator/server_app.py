@@ -26,6 +26,7 @@ from fedseek.data.tasks import FederatedData
 from fedseek.models.classifier import AdapterClassifier
 from fedseek.models.lora import load_trainable_state, trainable_state
 from fedseek.wire.arrays import to_record
+from fedseek.wire.replies import CensusReply, ReplyError
 
 
 logger = logging.getLogger("fedseek")
@@ -73,28 +74,14 @@ class CensusError(RuntimeError):
     """Not enough institutions connected, or one refused the census, or a census reply is unusable."""
 
 
-MAX_RECORDS = 10**9  # a larger record count is not a plausible census answer
-MAX_NAME = 200
-
-
 def census_site(reply: Message, node: int) -> tuple[str, int]:
     """(institution name, record count) of one census reply; CensusError naming the node and field
     for anything a correct client never sends."""
-    content = reply.content
-    site = content.config_records.get("site")
-    name = site.get("institution") if site is not None else None
-    if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME or not name.isprintable():
-        raise CensusError(f"census reply of node {node}: field site.institution must be a non-empty printable "
-                          f"name of at most {MAX_NAME} characters")
-    metrics = content.metric_records.get("metrics")
-    count = metrics.get("num-examples") if metrics is not None else None
-    if isinstance(count, float) and count.is_integer():
-        count = int(count)
-    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_RECORDS:
-        shown = "missing" if count is None else f"{count!r}"[:40]
-        raise CensusError(f"census reply of node {node} ({name[:60]}): field num-examples must be a whole number "
-                          f"of records in 1..{MAX_RECORDS:.0e}, got {shown}")
-    return name, count
+    try:
+        site = CensusReply.from_message(reply)
+    except ReplyError as err:
+        raise CensusError(f"census reply of node {node}: field {err}") from None
+    return site.institution, site.num_examples
 
 
 def census(grid: Grid, job: JobConfig, timeout: float = 300.0, expected: FederatedData | None = None,
