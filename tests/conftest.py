@@ -46,21 +46,57 @@ from fedseek.platform.deploy.local import free_port  # noqa: E402,F401  (one fre
 
 
 @contextlib.contextmanager
-def sqlite_federation(root, sites=("bank_a", "bank_b", "bank_c"), rows: int = 160):
+def sqlite_federation(root, sites=("bank_a", "bank_b", "bank_c"), rows: int = 160, mlflow_server: bool = False,
+                      extra_keys: tuple[str, ...] = ()):
     """A started `LocalFederation` of `sites` with a SQLite platform DB and MLflow's SQLite store
-    under `root`; stopped (every process) when the block ends."""
+    under `root` (`mlflow_server`: behind a real `mlflow server`); stopped (every process) when
+    the block ends."""
     from fedseek.platform.deploy.local import LocalFederation, write_demo_sites
 
+    mlflow_port = free_port()
+    tracking = f"http://127.0.0.1:{mlflow_port}" if mlflow_server else f"sqlite:///{root / 'mlflow.db'}"
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "FEDSEEK_HOME": str(root / "home"),
            "FEDSEEK_DB_URL": f"sqlite:///{root / 'platform.db'}", "FEDSEEK_DEFAULT_EPSILON_MAX": "20",
-           "FEDSEEK_MLFLOW_URI": f"sqlite:///{root / 'mlflow.db'}", "FEDSEEK_TORCH_THREADS": "1",
-           "OMP_NUM_THREADS": "1"}
-    federation = LocalFederation(root, env)
+           "FEDSEEK_MLFLOW_URI": tracking, "FEDSEEK_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    federation, mlflow = LocalFederation(root, env), None
     try:
-        federation.start(write_demo_sites(root, tuple(sites), rows))
+        if mlflow_server:
+            mlflow = start_mlflow_server(f"sqlite:///{root / 'mlflow.db'}", str(root / "mlartifacts"), mlflow_port)
+        federation.start(write_demo_sites(root, tuple(sites), rows), extra_keys=extra_keys)
         yield federation
     finally:
         federation.stop()
+        if mlflow is not None:
+            stop(mlflow)
+
+
+_SHARED: dict[str, object] = {}
+
+
+@pytest.fixture(scope="module")
+def deployment(request, tmp_path_factory):
+    """One federation (bank_a/b/c, 160 records each, a key `rogue` never registered, a real MLflow
+    server) for every module that uses this fixture: started by the first, stopped after the last
+    one in this session's order (an idle federation would advertise its Ray head to other tests).
+    Its platform DB and site privacy histories accumulate across those modules' jobs: query by job
+    id; each site's lifetime budget (10) covers their jobs (ε ≤ 4 each, two jobs)."""
+    def close() -> None:
+        if "stack" in _SHARED:
+            _SHARED.pop("federation", None)
+            _SHARED.pop("stack").close()
+
+    if "federation" not in _SHARED:
+        _SHARED["stack"] = contextlib.ExitStack()
+        request.config.add_cleanup(close)  # a safety net: pytest's end
+        _SHARED["federation"] = _SHARED["stack"].enter_context(sqlite_federation(
+            tmp_path_factory.mktemp("deployment"), mlflow_server=True, extra_keys=("rogue",)))
+    try:
+        yield _SHARED["federation"]
+    finally:
+        items = request.session.items
+        last = max(i for i, item in enumerate(items) if item.module is request.module)
+        if not any("deployment" in item.fixturenames for item in items[last + 1:]):
+            close()
 
 
 def wait_for_http(url: str, process: subprocess.Popen, timeout: float = 180) -> None:

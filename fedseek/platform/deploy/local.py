@@ -76,24 +76,32 @@ class LocalFederation:
     def kill(self, name: str) -> None:
         """SIGKILL a component's whole process group (a crashed machine: no clean shutdown)."""
         _, proc = self.named[name]
-        os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # already gone
+            pass
         proc.wait()
 
-    def restart(self, name: str, timeout: float = 300, settle: float = 15) -> subprocess.Popen:
-        """Start a killed component again with the same command, retrying while it exits at once, as
-        the compose restart policy does (a SuperLink refuses a node's key while it still counts the
-        crashed node as online: until its heartbeat expires). Returns the process that stayed up."""
+    def restart(self, name: str, timeout: float = 300, ready: str = "SuperNode ID: ") -> subprocess.Popen:
+        """Start a killed component again with the same command, retrying while it exits, as the
+        compose restart policy does (a SuperLink refuses a node's key while it still counts the
+        crashed node as online: until its heartbeat expires). Returns the process once its log
+        says `ready` (a SuperNode: connected); a refused one that is slow to exit on a loaded
+        machine is not mistaken for one that stayed up."""
         command, _ = self.named[name]
         deadline = time.monotonic() + timeout
         while True:
+            seen = len(self.log(name))
             proc = self.spawn(name, command, append_log=True)
-            try:
-                proc.wait(timeout=settle)
-            except subprocess.TimeoutExpired:
-                return proc
+            while proc.poll() is None:
+                if ready in self.log(name)[seen:]:
+                    return proc
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{name} did not stay up within {timeout:.0f}s: {self.log(name)[-2000:]}")
-            time.sleep(5)
+                raise RuntimeError(f"{name} did not come back within {timeout:.0f}s: {self.log(name)[-2000:]}")
+            time.sleep(2)
 
     def pause(self, name: str, paused: bool = True) -> None:
         """SIGSTOP / SIGCONT a component's process group: a machine that hangs without failing."""
@@ -118,51 +126,80 @@ class LocalFederation:
         if result.returncode:
             raise RuntimeError(f"{what} failed: {(result.stdout + result.stderr)[-2000:]}")
 
+    def _run_together(self, commands: dict[str, tuple[str, ...]]) -> None:
+        """One-shot `fedseek deploy` commands (certs, keys) side by side; each must succeed."""
+        procs = {what: subprocess.Popen(deploy_command(*args), env=self.env, cwd=self.root, text=True,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                 for what, args in commands.items()}
+        for what, proc in procs.items():
+            output, _ = proc.communicate(timeout=300)
+            if proc.returncode:
+                raise RuntimeError(f"{what} failed: {output[-2000:]}")
+
     # -- the federation -----------------------------------------------------------------------
-    def start_superlink(self, key_names: tuple[str, ...] = ()) -> None:
-        """Certificates, a key pair per name (not registered) and the SuperLink (published Fleet
-        listener `fleet`, operator's control listener `superlink`)."""
-        self._check(self.run("certs", "--out", "certs", "--host", "localhost", "--host", "127.0.0.1"), "certs")
-        for name in key_names:
-            self._check(self.run("keys", "--out", "keys", "--institution", name), f"keys {name}")
+    def start_superlink(self, key_names: tuple[str, ...] = (), site_certs: tuple[str, ...] = (),
+                        wait: bool = True) -> subprocess.Popen:
+        """Certificates, a key pair per name (not registered), the site certificates of `site_certs`
+        (all made side by side) and the SuperLink (published Fleet listener `fleet`, operator's
+        control listener `superlink`); `wait`: until both listeners accept connections."""
+        commands = {"certs": ("certs", "--out", "certs", "--host", "localhost", "--host", "127.0.0.1")}
+        commands |= {f"keys {name}": ("keys", "--out", "keys", "--institution", name) for name in key_names}
+        commands |= {f"site certs {name}": ("certs", "--out", f"site-{name}", "--host", "127.0.0.1")
+                     for name in site_certs}
+        self._run_together(commands)
         link = self.spawn("superlink", deploy_command("superlink", "--certs", "certs", "--state", "state",
                                                       "--host", "127.0.0.1", "--port", str(self.link_port),
                                                       "--control-host", "127.0.0.1",
                                                       "--control-port", str(self.control_port)))
-        self.wait_port(self.link_port, link, "superlink")
-        self.wait_port(self.control_port, link, "superlink")
+        if wait:
+            self.wait_superlink()
+        return link
 
-    def register(self, name: str) -> None:
-        """The operator admits `name` (`fedseek deploy register` on the control listener)."""
-        self._check(self.run("register", "--superlink", self.superlink, "--ca", "certs/ca.crt",
-                             "--institution", name, "--public-key", f"keys/{name}.pub"), f"register {name}")
+    def wait_superlink(self) -> None:
+        for port in (self.link_port, self.control_port):
+            self.wait_port(port, self.named["superlink"][1], "superlink")
 
-    def start_supernode(self, name: str, data: Path, ray: bool = True) -> int:
-        """The institution's SuperNode, dialling the published Fleet address; its Runtime API port."""
+    def register(self, *names: str) -> None:
+        """The operator admits `names` (`fedseek deploy register` on the control listener): the
+        first alone (it may create the platform DB's schema), the others side by side."""
+        command = lambda name: ("register", "--superlink", self.superlink, "--ca", "certs/ca.crt",  # noqa: E731
+                                "--institution", name, "--public-key", f"keys/{name}.pub")
+        if names:
+            self._run_together({f"register {names[0]}": command(names[0])})
+            self._run_together({f"register {name}": command(name) for name in names[1:]})
+
+    def start_supernode(self, name: str, data: Path, ray: bool = True, wait: bool = True) -> int:
+        """The institution's SuperNode, dialling the published Fleet address; its Runtime API port
+        (`wait`: once it accepts connections)."""
         port = free_port()
         command = deploy_command("supernode", "--superlink", self.fleet, "--ca", "certs/ca.crt", "--key",
                                  f"keys/{name}.key", "--institution", name, "--data", str(data), "--port", str(port))
         if ray:
-            self._check(self.run("certs", "--out", f"site-{name}", "--host", "127.0.0.1"), f"site certs {name}")
+            if not (self.root / f"site-{name}" / "ca.crt").is_file():
+                self._check(self.run("certs", "--out", f"site-{name}", "--host", "127.0.0.1"), f"site certs {name}")
             command += ["--ray-address", f"127.0.0.1:{self.ray_port}", "--num-cpus", "1", "--local-certs", f"site-{name}"]
         node = self.spawn(f"supernode-{name}", command)
-        self.wait_port(port, node, f"supernode-{name}")
+        if wait:
+            self.wait_port(port, node, f"supernode-{name}")
         return port
 
     def start(self, sites: dict[str, Path], ray_cpus: int = 3, extra_keys: tuple[str, ...] = ()) -> None:
         """Certificates, keys (also for `extra_keys`, never registered), SuperLink, ServerApp
-        SuperExec, Ray head, registration and one SuperNode + ClientApp SuperExec per site."""
-        self.start_superlink((*sites, *extra_keys))
-        self.spawn("serverapp", deploy_command("serverapp", "--superlink", self.superlink, "--ca", "certs/ca.crt",
-                                               "--secret", "certs/superexec.secret"))
+        SuperExec, Ray head, registration and one SuperNode + ClientApp SuperExec per site.
+        Independent steps overlap (the SuperLink and the Ray head start together, the SuperNodes
+        too); so do the registrations after the first."""
+        self.start_superlink((*sites, *extra_keys), tuple(sites), wait=False)
         ray_head = self.spawn("ray", [str(BIN / "ray"), "start", "--head", "--block", "--port", str(self.ray_port),
                                       "--node-ip-address", "127.0.0.1", "--num-cpus", str(ray_cpus),
                                       "--num-gpus", "0", "--include-dashboard", "false", "--disable-usage-stats"])
+        self.wait_superlink()
+        self.spawn("serverapp", deploy_command("serverapp", "--superlink", self.superlink, "--ca", "certs/ca.crt",
+                                               "--secret", "certs/superexec.secret"))
+        self.register(*sites)
         self.wait_port(self.ray_port, ray_head, "ray")
-        for name in sites:
-            self.register(name)
-        for name, data in sites.items():
-            port = self.start_supernode(name, data)
+        ports = {name: self.start_supernode(name, data, wait=False) for name, data in sites.items()}
+        for name, port in ports.items():
+            self.wait_port(port, self.named[f"supernode-{name}"][1], f"supernode-{name}")
             self.spawn(f"clientapp-{name}", deploy_command("clientapp", "--supernode", f"127.0.0.1:{port}",
                                                            "--local-certs", f"site-{name}"))
 
