@@ -26,9 +26,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from fedseek.aggregator.period import Period, PeriodHooks, reply_trust, run_period, write_report
 from fedseek.aggregator.reply_trust import ReplyTrust, fisher_reply
 from fedseek.aggregator.robust import update_byte_limit
-from fedseek.aggregator.period import Period, PeriodHooks, reply_trust, run_period, write_report
 from fedseek.aggregator.rounds import Reporter, SilentReporter
 from fedseek.aggregator.server_app import census
 from fedseek.aggregator.strategy import reply_origin
