@@ -33,7 +33,7 @@ class ConcurrentCharge:
                                         epsilon_after=0.0, epsilon_rdp_after=0.0))
 
 job = JobConfig()
-job.data.max_train_rows, job.federation.rounds, job.optim.local_steps = 120, 3, 2
+job.data.max_train_rows, job.data.max_test_rows, job.federation.rounds, job.optim.local_steps = 120, 200, 3, 2
 job.privacy.target_epsilon, job.federation.out = 4.0, sys.argv[2]
 run_job(job, ConcurrentCharge())
 """

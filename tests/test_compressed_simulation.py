@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import json
 
-from test_simulation import fedseek
+from test_simulation import TEST_ROWS, fedseek
 
 
 def test_int8_topk_simulation_trains_and_uploads_far_fewer_bytes(tmp_path):
     proc = fedseek("simulate", "--task", "banking77", "--institutions", "3", "--rounds", "3",
-                   "--local-steps", "6", "--max-train-rows", "2400", "--epsilon", "8",
+                   "--local-steps", "6", "--max-train-rows", "2400", "--max-test-rows", TEST_ROWS, "--epsilon", "8",
                    "--compression", "int8", "--topk", "0.25", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from test_simulation import fedseek
+from test_simulation import TEST_ROWS, fedseek
 
 TARGET_EPSILON = 8.0
 
@@ -18,6 +18,7 @@ TARGET_EPSILON = 8.0
 def continual_run(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("continual")
     proc = fedseek("continual", "--task", "banking77", "--period-groups", "2", "--max-train-rows", "900",
+                   "--max-test-rows", TEST_ROWS,
                    "--rounds", "1", "--local-steps", "4", "--batch-fraction", "0.25", "--ewc-lambda", "5",
                    "--epsilon", str(TARGET_EPSILON), "--compare", "naive", "--tune-lambda", "0.5,5",
                    "--seed", "0", "--out", str(out), timeout=1500)

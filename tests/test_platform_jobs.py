@@ -19,8 +19,8 @@ from conftest import free_port, start_mlflow_server, stop, wait_for_http
 from sqlalchemy import create_engine, text
 
 # the LoRA recipe: its registered adapter loads with stock PEFT (the probe recipe's head does not yet)
-TINY = ["--recipe", "lora", "--task", "banking77", "--max-train-rows", "240", "--rounds", "2", "--local-steps", "2",
-        "--epsilon", "4"]
+TINY = ["--recipe", "lora", "--task", "banking77", "--max-train-rows", "240", "--max-test-rows", "300", "--rounds", "2",
+        "--local-steps", "2", "--epsilon", "4"]
 MODEL = "fedseek-banking77"
 
 

@@ -21,8 +21,8 @@ from sqlalchemy import create_engine, text
 
 # seeded DP noise (not private), so that the resumed job can be compared bit for bit with an
 # uninterrupted one; this test platform allows it (FEDSEEK_ALLOW_REPRODUCIBLE_NOISE)
-TINY = ["--recipe", "lora", "--task", "banking77", "--max-train-rows", "240", "--rounds", "4", "--local-steps", "2", "--epsilon", "4",
-        "--reproducible-noise"]
+TINY = ["--recipe", "lora", "--task", "banking77", "--max-train-rows", "240", "--max-test-rows", "300", "--rounds", "4",
+        "--local-steps", "2", "--epsilon", "4", "--reproducible-noise"]
 
 
 def environment(home: Path) -> dict:
@@ -81,16 +81,26 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
     reference_env, env = environment(root / "reference"), environment(root / "home")
     state = {"env": env, "out": root / "job", "reference_out": root / "reference-job"}
-    state["reference"] = fedseek(reference_env, "simulate", *TINY, "--out", str(state["reference_out"]))
-    assert state["reference"].returncode == 0, state["reference"].stderr[-3000:]
+    # the uninterrupted reference job (its own home and DB) runs alongside the interrupted one: a
+    # job's time is mostly per-process start-up (imports, Ray), which two jobs overlap
+    log = root / "reference.log"
+    with log.open("w") as handle:
+        reference = subprocess.Popen([sys.executable, "-m", "fedseek", "simulate", *TINY, "--out",
+                                      str(state["reference_out"])], env=reference_env, stdout=handle,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        crashed = fedseek({**env, "FEDSEEK_CRASH_AT": "in-commit"}, "simulate", *TINY, "--out", str(state["out"]))
+        state["in_commit"] = (crashed.returncode, snapshot(env), outbox_steps(env))
+        crashed = fedseek({**env, "FEDSEEK_CRASH_AT": "after-commit"}, "jobs", "resume", "1")
+        state["after_commit"] = (crashed.returncode, snapshot(env), outbox_steps(env))
+        code = kill_when_committed(env, 2, "jobs", "resume", "1")
+        state["killed"] = (code, snapshot(env))
+        reference.wait(timeout=1200)
+    finally:
+        if reference.poll() is None:
+            os.killpg(reference.pid, signal.SIGKILL)
+    assert reference.returncode == 0, log.read_text()[-3000:]
     state["reference_db"] = snapshot(reference_env)
-
-    crashed = fedseek({**env, "FEDSEEK_CRASH_AT": "in-commit"}, "simulate", *TINY, "--out", str(state["out"]))
-    state["in_commit"] = (crashed.returncode, snapshot(env), outbox_steps(env))
-    crashed = fedseek({**env, "FEDSEEK_CRASH_AT": "after-commit"}, "jobs", "resume", "1")
-    state["after_commit"] = (crashed.returncode, snapshot(env), outbox_steps(env))
-    code = kill_when_committed(env, 2, "jobs", "resume", "1")
-    state["killed"] = (code, snapshot(env))
     yield state
 
 

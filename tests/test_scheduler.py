@@ -15,7 +15,7 @@ from sqlalchemy import inspect, select, text
 from fedseek.platform.run.scheduler import _task_lock, add_schedule, build_scheduler, run_schedule
 from fedseek.platform.store.db import Institution, Schedule, engine_for, session_scope
 
-TINY = ["--max-train-rows", "120", "--rounds", "1", "--local-steps", "2", "--epsilon", "2"]
+TINY = ["--max-train-rows", "120", "--max-test-rows", "200", "--rounds", "1", "--local-steps", "2", "--epsilon", "2"]
 
 
 def test_schedules_are_validated_and_mirrored_in_the_job_store(db_url, tmp_path):

@@ -16,7 +16,7 @@ from sqlalchemy import create_engine, text
 
 from fedseek.privacy.accountant import epsilon
 
-TINY = ["--task", "banking77", "--period-groups", "2", "--max-train-rows", "240", "--rounds", "1",
+TINY = ["--task", "banking77", "--period-groups", "2", "--max-train-rows", "240", "--max-test-rows", "200", "--rounds", "1",
         "--local-steps", "2", "--batch-fraction", "0.25", "--noise-multiplier", "1.0"]
 RELEASE = (1.0, 0.25, 2)  # sigma, q, steps of one period job's round
 

@@ -15,7 +15,8 @@ from pathlib import Path
 from conftest import free_port, start_mlflow_server, stop
 from sqlalchemy import create_engine, text
 
-TINY = ["--task", "banking77", "--max-train-rows", "240", "--rounds", "4", "--local-steps", "2", "--epsilon", "4"]
+TINY = ["--task", "banking77", "--max-train-rows", "240", "--max-test-rows", "300", "--rounds", "4", "--local-steps", "2",
+        "--epsilon", "4"]
 
 
 def committed_rounds(db_url: str) -> list[tuple[int, float]]:
