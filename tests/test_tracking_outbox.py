@@ -17,6 +17,10 @@ def test_outbox_keeps_records_while_server_is_down_and_flushes_them_later(tmp_pa
     report.write_text(json.dumps({"final_accuracy": 0.5}))
     box.append("run", key="job", experiment="demo", name="job-1", tags={"fedseek.job_id": 1})
     box.append("run", key="institution:bank_a", parent="job", experiment="demo", name="bank_a")
+    box.append("inputs", key="job", datasets=[{"name": "bank_a", "digest": "d1", "source": "scope-1",
+                                               "profile": {"records": 80, "labels": 7}}])
+    for job_id, spent in ((1, 1.5), (2, 3.0)):  # the budget view: one run per institution across jobs
+        box.append("budget", institution="bank_a", epsilon_spent=spent, epsilon_max=8.0, step=job_id)
     for step in (1, 2):
         box.append("metrics", key="job", step=step, metrics={"accuracy": 0.1 * step}, timestamp_ms=1000 * step)
     box.append("metrics", key="job", step=3, metrics={"accuracy": "not a number"})  # refused later
@@ -25,7 +29,7 @@ def test_outbox_keeps_records_while_server_is_down_and_flushes_them_later(tmp_pa
     box.append("end", key="job")
     box.append("close")
     assert flush_all(tmp_path / "outbox", uri, None) == (0, 1)
-    assert box.pending() == 8
+    assert box.pending() == 11
     server = start_mlflow_server(f"sqlite:///{tmp_path / 'mlflow.db'}", str(tmp_path / "artifacts"), port)
     try:
         assert flush_all(tmp_path / "outbox", uri, None) == (1, 0)
@@ -40,6 +44,13 @@ def test_outbox_keeps_records_while_server_is_down_and_flushes_them_later(tmp_pa
             (1, 0.1), (2, 0.2)]
         assert [a.path for a in client.list_artifacts(parent.info.run_id)] == ["report.json"]
         assert parent.info.status == "FINISHED"
+        assert client.get_experiment_by_name("demo").tags["mlflow.experimentKind"] == "custom_model_development"
+        [dataset] = [d.dataset for d in parent.inputs.dataset_inputs]
+        assert (dataset.name, dataset.digest, json.loads(dataset.profile)) == ("bank_a", "d1", {"records": 80, "labels": 7})
+        [budget] = client.search_runs([client.get_experiment_by_name("privacy").experiment_id])
+        assert budget.info.run_name == "bank_a" and budget.data.metrics["epsilon_max"] == 8.0
+        assert [(m.step, m.value) for m in client.get_metric_history(budget.info.run_id, "epsilon_spent")] == [
+            (1, 1.5), (2, 3.0)]
     finally:
         stop(server)
     assert not list((tmp_path / "outbox").glob("*.jsonl"))  # sent journals are removed

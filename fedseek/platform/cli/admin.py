@@ -236,9 +236,12 @@ def promote(task: str = typer.Option(..., help="Task whose version to promote.")
 
 def dashboard(host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
               port: int = typer.Option(5000, help="Port of the MLflow UI.")) -> None:
-    """Start the admin dashboard: the MLflow UI/server on the configured store."""
+    """Start the admin dashboard: the MLflow UI/server on the configured store (runs per task, the
+    "privacy" experiment's budget view, the registry's versions with their promotion reasons)."""
     command = dashboard_command(_settings(), host, port)
-    console.print(f"MLflow UI on http://{host}:{port} (Ctrl-C stops it)")
+    url = f"http://{host}:{port}"
+    console.print(f"MLflow UI on {url}/#/experiments?workflowType=machine_learning (Ctrl-C stops it)\n"
+                  f"  budget: the 'privacy' experiment; versions: {url}/#/models")
     # the server's background job runner (GenAI evaluation jobs) is not needed for the dashboard
     import signal
 

@@ -1,6 +1,6 @@
 """Model registry: one registered model per task, every job's adapter a new version with alias
 `candidate`; `champion` moves only through the promotion gate, and every decision is recorded
-(MLflow version tags + the platform DB) with its reason."""
+(MLflow version tags + the platform DB) with its reason, and shown in the version's description."""
 from __future__ import annotations
 
 import json
@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import select
 
+from fedseek.platform.mlflow.dashboard import version_description
 from fedseek.platform.store.db import AdapterVersion, Institution, PromotionDecision, session_scope
 
 
@@ -21,7 +22,8 @@ def version_tags(report: dict, job_id: int, scope: str) -> dict:
             "epsilon": json.dumps({k: round(v, 4) for k, v in (report.get("epsilon") or {}).items()}),
             "delta": report.get("delta"), "sigma": report.get("noise_multiplier"), "q": report.get("sampling_rate"),
             "steps": report.get("steps"), "clip": report.get("clip_norm"), "lora_rank": report.get("lora_rank"),
-            "base_model_sha256": report.get("base_model_sha256"), "data_scope": scope}
+            "base_model_sha256": report.get("base_model_sha256"), "data_scope": scope,
+            "dp_noise": report.get("dp_noise")}
     cl = report.get("cl") or {}  # `cl_summary`: forgetting and BWT are None for a joint arm (one row)
     tags["forgetting"], tags["bwt"] = cl.get("forgetting"), cl.get("bwt")
     return {k: v for k, v in tags.items() if v is not None}
@@ -36,7 +38,8 @@ def register(client, name: str, run_id: str, artifact_path: str, tags: dict) -> 
     except MlflowException:
         client.create_registered_model(name, description="FedSeek PEFT adapters of this task")
     source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
-    version = client.create_model_version(name, source, run_id=run_id, tags={k: str(v) for k, v in tags.items()})
+    tags = {k: str(v) for k, v in tags.items()}
+    version = client.create_model_version(name, source, run_id=run_id, tags=tags, description=version_description(tags))
     client.set_registered_model_alias(name, "candidate", version.version)
     return str(version.version)
 
@@ -99,6 +102,8 @@ def promote(client, name: str, version: str, db_url: str, limits: dict | None = 
         client.set_registered_model_alias(name, "champion", version)
     client.set_model_version_tag(name, version, "promotion", "champion" if ok else "rejected")
     client.set_model_version_tag(name, version, "promotion_reason", reason)
+    decided = {**candidate, "promotion": "champion" if ok else "rejected", "promotion_reason": reason}
+    client.update_model_version(name, version, description=version_description(decided))
     with session_scope(db_url) as session:
         session.add(PromotionDecision(model_name=name, version=str(version), promoted=ok, reason=reason))
     return ok, reason

@@ -5,7 +5,9 @@ server is unreachable, training goes on and the journal keeps the rest; `flush_a
 start of every job and by `fedseek db flush`) sends it later. Nothing is lost.
 
 Runs are named by keys (`job`, `institution:bank_a`) in the journal; the MLflow ids they get on
-replay are kept in the journal's state file, so a replay resumes where it stopped.
+replay are kept in the journal's state file, so a replay resumes where it stopped. Dataset inputs
+(`inputs`), the privacy experiment's budget runs (`budget`) and the texts the UI shows are built
+in `dashboard.py`.
 """
 from __future__ import annotations
 
@@ -114,12 +116,18 @@ def reachable(tracking_uri: str) -> bool:
 
 
 def _experiment_id(client, name: str, artifact_root: Path | None, tracking_uri: str) -> str:
+    """The experiment `name`, created (or marked, if an older one) as a model-training experiment."""
+    from fedseek.platform.mlflow.dashboard import EXPERIMENT_KIND
+
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
+        if not set(EXPERIMENT_KIND.items()) <= set(experiment.tags.items()):
+            for key, value in EXPERIMENT_KIND.items():
+                client.set_experiment_tag(experiment.experiment_id, key, value)
         return experiment.experiment_id
     local = not tracking_uri.startswith(("http://", "https://"))
     location = (artifact_root / name).resolve().as_uri() if local and artifact_root else None
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
 
 
 def _apply(client, op: dict, state: dict, artifact_root: Path | None, tracking_uri: str) -> None:
@@ -148,6 +156,14 @@ def _apply(client, op: dict, state: dict, artifact_root: Path | None, tracking_u
         stamp = int(op.get("timestamp_ms", 0))
         client.log_batch(runs[op["key"]], metrics=[Metric(k, float(v), stamp, int(op["step"]))
                                                    for k, v in op["metrics"].items()])
+    elif kind == "inputs":  # dataset inputs: counts and digests, never records
+        from fedseek.platform.mlflow.dashboard import log_datasets
+
+        log_datasets(client, runs[op["key"]], op["datasets"])
+    elif kind == "budget":  # an institution's lifetime epsilon after a job, in the privacy experiment
+        from fedseek.platform.mlflow.dashboard import BUDGET_EXPERIMENT, log_budget
+
+        log_budget(client, _experiment_id(client, BUDGET_EXPERIMENT, artifact_root, tracking_uri), op)
     elif kind == "artifact":
         path = Path(op["path"])
         if path.is_dir():

@@ -1,16 +1,19 @@
-"""What a platform job journals for MLflow (through its `Outbox`): the job's parent run and one
-child run per institution, per-round metrics with steps = rounds, and the finished job's
-artifacts and plots. The reporter decides when; this module decides what."""
+"""What a platform job journals for MLflow (through its `Outbox`): the job's parent run (named
+for what it is, its description the privacy summary) and one child run per institution, dataset
+inputs, per-round metrics with steps = rounds, the finished job's artifacts and plots, and each
+institution's lifetime budget step in the privacy experiment. The reporter decides when; this
+module decides what (the texts: `fedseek.platform.mlflow.dashboard`)."""
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
 from fedseek.continual.report import heatmap_png
-from fedseek.platform.mlflow import plots
+from fedseek.platform.mlflow import dashboard, plots
 from fedseek.platform.mlflow.tracking import Outbox
 from fedseek.platform.store import ledger
 from fedseek.platform.store.db import session_scope
+from fedseek.privacy.ledger_math import DataScope
 from fedseek.privacy.randomness import noise_label
 
 CLIENT_METRICS = ("epsilon", "epsilon_rdp", "train_loss_last", "noise_multiplier", "sample_rate", "steps",
@@ -29,24 +32,54 @@ def open_runs(outbox: Outbox, job, data, job_id: int, db_url: str, scope: str) -
               "delta": job.privacy.delta, "dp": job.privacy.enabled, "rounds": job.federation.rounds,
               "local_steps": job.optim.local_steps, "lora_rank": job.lora.rank, "ffa": job.lora.ffa,
               "institutions": ",".join(data.institutions), "data_scope": scope}
-    outbox.append("run", key="job", experiment=data.task, name=f"job-{job_id}", db_url=db_url, job_id=job_id,
-                  tags={"fedseek.job_id": job_id, "fedseek.data_scope": scope,
-                        "fedseek.dp_noise": noise_label(job.privacy.enabled, job.privacy.reproducible_noise)})
+    noise = noise_label(job.privacy.enabled, job.privacy.reproducible_noise)
+    name = dashboard.run_name(data.task, len(data.institutions), job.privacy, job_id, DataScope.parse(scope).slice)
+    outbox.append("run", key="job", experiment=data.task, name=name, db_url=db_url, job_id=job_id,
+                  tags={"fedseek.job_id": job_id, "fedseek.data_scope": scope, "fedseek.dp_noise": noise,
+                        dashboard.DESCRIPTION: dashboard.planned_summary(job, noise, scope)})
     outbox.append("params", key="job", params={k: str(v) for k, v in params.items() if v is not None})
-    for name, records in zip(data.institutions, data.train):
+    datasets = [dashboard.dataset(n, records, scope, len(data.label_names))
+                for n, records in zip(data.institutions, data.train)]
+    outbox.append("inputs", key="job", datasets=datasets)
+    for name, records, dataset in zip(data.institutions, data.train, datasets):
         outbox.append("run", key=f"institution:{name}", parent="job", experiment=data.task,
                       name=name, tags={"fedseek.institution": name})
         outbox.append("params", key=f"institution:{name}", params={"records": len(records)})
+        outbox.append("inputs", key=f"institution:{name}", datasets=[dataset])
 
 
 def round_metrics(outbox: Outbox, row: dict) -> None:
     """One committed round: the job's accuracy/loss/bytes and each institution's ε, σ, q, steps."""
     step = int(row["round"])
-    outbox.append("metrics", key="job", step=step,
-                  metrics=finite({k: row.get(k) for k in ("accuracy", "loss", "train_loss", "bytes_up")}))
+    metrics = {k: row.get(k) for k in ("accuracy", "loss", "train_loss", "bytes_up")}
+    metrics.update({f"epsilon/{c['institution']}": c.get("epsilon") for c in row.get("clients", [])})
+    outbox.append("metrics", key="job", step=step, metrics=finite(metrics))
     for client in row.get("clients", []):
         outbox.append("metrics", key=f"institution:{client['institution']}", step=step,
                       metrics=finite({k: client.get(k) for k in CLIENT_METRICS}))
+
+
+def privacy_summary(outbox: Outbox, report: dict, db_url: str, job_id: int, scope: str) -> None:
+    """The finished job's description (ε this job, lifetime ε spent / budget per institution) and
+    each charged institution's step in the privacy experiment's budget view."""
+    budgets = budget(outbox, db_url, report["institutions"] if report.get("epsilon") else [], job_id)
+    text = dashboard.privacy_summary(report, budgets, report.get("dp_noise", ""), scope)
+    outbox.append("tags", key="job", tags={dashboard.DESCRIPTION: text})
+
+
+def budget(outbox: Outbox, db_url: str, institutions: list[str], job_id: int) -> dict[str, tuple[float, float]]:
+    """Journal each institution's lifetime ε (spent, budget) from the ledger after job `job_id`."""
+    from sqlalchemy import select
+
+    from fedseek.platform.store.db import Institution
+
+    budgets = {}
+    with session_scope(db_url) as session:
+        for row in session.scalars(select(Institution).where(Institution.name.in_(list(institutions)))):
+            budgets[row.name] = (ledger.spent(session, row), row.epsilon_max)
+    for name, (spent, limit) in sorted(budgets.items()):
+        outbox.append("budget", institution=name, epsilon_spent=spent, epsilon_max=limit, step=job_id)
+    return budgets
 
 
 def log_artifacts(outbox: Outbox, report: dict, out: Path, db_url: str) -> None:

@@ -188,6 +188,7 @@ class PlatformReporter:
                 ledger.add_entries(session, self.job_id, len(self.rows), fisher, self.scope,
                                    self.job.privacy.clip_norm, self.settings.default_epsilon_max)
         job_tracking.log_artifacts(self.outbox, report, out, self.db)
+        job_tracking.privacy_summary(self.outbox, report, self.db, self.job_id, self.scope)
         tags = version_tags(report, self.job_id, self.scope)
         self.outbox.append("register", key="job", model=model_name(self.task), artifact_path="adapter",
                            tags=tags, db_url=self.db, adapter_version_id=version_id)
@@ -222,6 +223,10 @@ class PlatformReporter:
             self._close("failed", message)
         if self.outbox is not None:
             self.outbox.append("tags", key="job", tags={"fedseek.error": message[:500]})
+            job = getattr(self, "job", None)
+            if self.rows and job is not None and job.privacy.enabled:  # its committed rounds were charged
+                job_tracking.budget(self.outbox, self.db, [c["institution"] for c in self.rows[-1]["clients"]],
+                                    self.job_id)
             self.outbox.append("end", key="job", status="FAILED")
             self.outbox.append("close")
             self._flush()
