@@ -225,8 +225,8 @@ class PlatformReporter:
             self.outbox.append("tags", key="job", tags={"fedseek.error": message[:500]})
             job = getattr(self, "job", None)
             if self.rows and job is not None and job.privacy.enabled:  # its committed rounds were charged
-                job_tracking.budget(self.outbox, self.db, [c["institution"] for c in self.rows[-1]["clients"]],
-                                    self.job_id)
+                charged = [c["institution"] for c in self.rows[-1].get("clients", [])]
+                job_tracking.budget(self.outbox, self.db, charged, self.job_id)
             self.outbox.append("end", key="job", status="FAILED")
             self.outbox.append("close")
             self._flush()
