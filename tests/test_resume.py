@@ -175,7 +175,7 @@ def test_the_resumed_job_equals_an_uninterrupted_run(runs):
     client = MlflowClient(tracking_uri=f"sqlite:///{Path(env['FEDSEEK_HOME']) / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("banking77")
     parents = [r for r in client.search_runs([experiment.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
-    assert [r.info.run_name for r in parents] == ["job-1"] and parents[0].info.status == "FINISHED"
+    assert [r.data.tags["fedseek.job_id"] for r in parents] == ["1"] and parents[0].info.status == "FINISHED"
     history = client.get_metric_history(parents[0].info.run_id, "accuracy")
     assert sorted(m.step for m in history) == [0, 1, 2, 3, 4]
     assert {m.step: m.value for m in history if m.step} == pytest.approx({r[0]: r[1] for r in db["rounds"]})

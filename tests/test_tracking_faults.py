@@ -77,7 +77,7 @@ def test_mlflow_down_mid_job_the_job_finishes_and_the_records_follow_when_it_ret
         client = MlflowClient(tracking_uri=env["FEDSEEK_MLFLOW_URI"], registry_uri=env["FEDSEEK_MLFLOW_URI"])
         experiment = client.get_experiment_by_name("banking77")
         parents = [r for r in client.search_runs([experiment.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
-        assert [(r.info.run_name, r.info.status) for r in parents] == [("job-1", "FINISHED")]
+        assert [(r.data.tags["fedseek.job_id"], r.info.status) for r in parents] == [("1", "FINISHED")]
         history = client.get_metric_history(parents[0].info.run_id, "accuracy")
         assert sorted((m.step, m.value) for m in history if m.step) == rounds  # MLflow equals the DB
         versions = client.search_model_versions("name='fedseek-banking77'")
