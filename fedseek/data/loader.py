@@ -77,7 +77,7 @@ def _decode(path: Path, encoding: str = "utf-8") -> str:
                         "re-save the file as UTF-8 or give its encoding (--encoding, e.g. latin-1)") from None
     if "\x00" in text:
         line = text[: text.index("\x00")].count("\n") + 1
-        raise DataError(f"{path}:{line}: contains a NUL character (a binary or UTF-16 file?); "
+        raise DataError(f"{path}:{line}: contains a NUL byte (a binary or UTF-16 file?); "
                         "re-save it as UTF-8 text or give its encoding (--encoding utf-16)")
     return text
 
