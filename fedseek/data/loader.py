@@ -11,6 +11,7 @@ row as one record), and label drift between data periods (`label_drift`).
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -61,8 +62,6 @@ class LabelledTexts:
 
 
 def _decode(path: Path, encoding: str = "utf-8") -> str:
-    import codecs
-
     try:
         codec = codecs.lookup(encoding).name
     except LookupError:
