@@ -11,6 +11,8 @@ from typing import Any
 PERIOD_SEPARATOR = "|"  # between period names of a joint job
 # the choices of a setting (the CLI offers only these; __post_init__ refuses others where it checks)
 PARTITIONS, RECIPES = ("iid", "dirichlet"), ("probe", "lora")  # data.partition, recipe.name
+OBJECTIVES, DTYPES, QUANTIZE = ("classify", "causal-lm"), ("auto", "fp32", "bf16"), ("none", "4bit", "8bit")
+GENERATIVE_TASKS = ("banking77-gen", "pubmedqa-gen")  # shipped (prompt, response) tasks: causal-lm
 CODECS = ("none", "fp16", "int8", "int4")  # compression.codec
 RULES = ("fedavg", "trimmed-mean", "median")  # robust.rule
 METHODS = ("naive", "ewc", "online-ewc", "joint")  # ewc.method
@@ -28,16 +30,24 @@ def opt(default: Any, help: str, flag: str = "", **cli: Any) -> Any:
 class DataSettings:
     """Where each institution's records come from and how they are split."""
 
-    task: str = opt("banking77", "Shipped task: banking77 | medical_abstracts | pubmedqa.")
+    task: str = opt("banking77", "Shipped task: banking77 | medical_abstracts | pubmedqa, or generative "
+                    "banking77-gen | pubmedqa-gen (causal-lm).")
+    objective: str = opt("classify", "classify (a label per text) or causal-lm (generate a response per prompt).",
+                         choices=OBJECTIVES)
     data: str | None = opt(None, "Your CSV/JSONL file, partitioned across institutions.", path=True)
     data_dir: str | None = opt(None, "Directory with one CSV/JSONL per institution (+ optional test.*).", path=True)
     test_data: str | None = opt(None, "Global test file for --data (default: 20% stratified hold-out).", path=True)
     text_column: str = opt("text", "Column holding the text.")
-    label_column: str = opt("label", "Column holding the label.")
+    label_column: str = opt("label", "Column holding the label (causal-lm: optional, used to partition).")
+    prompt_column: str = opt("prompt", "causal-lm: column holding the prompt.")
+    response_column: str = opt("response", "causal-lm: column holding the response (the only tokens trained).")
     encoding: str = opt("utf-8", "Text encoding of your data files, e.g. latin-1 or cp1252 (a Python codec name).")
     partition: str = opt("iid", "How records are split across institutions.", choices=PARTITIONS)
     alpha: float = opt(0.5, "Dirichlet concentration for --partition dirichlet.", min=1e-3)  # smaller: more non-IID
-    max_length: int = 64  # tokens per record
+    max_length: int = opt(64, "Tokens per record (default: the recipe's rule; lora: {default}; causal-lm: "
+                          "the task's).", rule=True, min=8)
+    response_tokens: int = opt(32, "causal-lm: tokens of a response, trained and generated (default: the "
+                               "task's).", rule=True, min=2)
     max_train_rows: int = opt(0, "Use at most this many training rows in total (0 = all).", min=0)
     max_test_rows: int = opt(0, "Evaluate on a seeded random subset of this many test rows (0 = all).", min=0)
     periods: str = opt("", "Continual learning: period scheme years | intent-groups | condition-groups | column "
@@ -55,6 +65,11 @@ class DataSettings:
         "all" (no periods, or joint training over several). The ledger's scope is `data_scope`."""
         names = [p for p in self.period.split(PERIOD_SEPARATOR) if p]
         return names[0] if len(names) == 1 else "all"
+
+    @property
+    def causal_lm(self) -> bool:
+        """(prompt, response) records trained with next-token loss on the response."""
+        return self.objective == "causal-lm" or (not self.data and not self.data_dir and self.task in GENERATIVE_TASKS)
 
     @property
     def slicing_scheme(self) -> str:
@@ -82,6 +97,8 @@ class FederationSettings:
     min_institutions: int = 0  # a round completes with this many updates (0 = all institutions)
     round_timeout: float = 3600.0  # seconds a round waits for replies before going on without them
     rejoin_wait: float = 30.0  # with min_institutions: seconds a round start waits for offline institutions
+    dtype: str = opt("auto", "Base weights' dtype: bf16 | fp32 (auto: bf16 on a GPU that has it).", choices=DTYPES)
+    quantize: str = opt("none", "causal-lm: 4bit | 8bit bitsandbytes base (QLoRA; CUDA only).", choices=QUANTIZE)
 
 
 @dataclass

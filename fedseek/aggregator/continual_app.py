@@ -37,7 +37,7 @@ from fedseek.continual.ewc import EWCState, consolidate, normalise_fisher
 from fedseek.continual.fisher import restrict_rows, weighted_fisher
 from fedseek.continual.report import cl_summary, heatmap_png
 from fedseek.data.plan import job_data, period_names
-from fedseek.models.classifier import AdapterClassifier
+from fedseek.models.adapted import adapted_model, encode_rows
 from fedseek.models.lora import load_trainable_state, trainable_state
 from fedseek.wire.arrays import to_record, to_tensors
 from fedseek.wire.replies import ReplyError, ValidationReply
@@ -92,14 +92,11 @@ class ContinualRunner:
         self.periods = period_names(job)
         every = job_data(job, PERIOD_SEPARATOR.join(self.periods))
         self.label_names = every.label_names
-        self.classifier = AdapterClassifier(job.federation.base_model, len(self.label_names), job.lora,
-                                            job.data.max_length, pooling=job.recipe.pooling,
-                                   components=job.recipe.components)
+        self.classifier = adapted_model(job, len(self.label_names))
         self.tests = {}
         for name in self.periods:
             data = job_data(job, name)
-            self.tests[name] = self.classifier.encode(data.test.texts, data.test.labels,
-                                                      active_labels=data.active_labels)
+            self.tests[name] = encode_rows(self.classifier, data.test, data.active_labels)
         self.initial = to_record(trainable_state(self.classifier.model))
         # node id -> institution, bound once by a census (names and counts checked against the split)
         first = copy.deepcopy(job)

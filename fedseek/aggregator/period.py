@@ -22,7 +22,7 @@ from fedseek.aggregator.rounds import Reporter, run_rounds
 from fedseek.aggregator.strategy import AdapterFedAvg
 from fedseek.config import JobConfig
 from fedseek.data.tasks import FederatedData
-from fedseek.models.classifier import AdapterClassifier
+from fedseek.models.adapted import AdaptedModel
 from fedseek.models.loading import base_model_bytes, base_model_hash, resolve_base
 from fedseek.models.lora import load_trainable_state
 from fedseek.privacy.randomness import noise_label
@@ -39,7 +39,7 @@ class Period:
 
     job: JobConfig
     data: FederatedData
-    classifier: AdapterClassifier
+    classifier: AdaptedModel
     test: object | None
     arrays: ArrayRecord
     initial: dict
@@ -87,6 +87,8 @@ def run_period(grid: Grid, period: Period, reporter: Reporter,
         evaluation = model.evaluate(period.test)
         rows.append(round_row(done + server_round, evaluation, strategy.round_log.get(server_round, []),
                               period.started))
+        if samples := model.evaluation_samples(period.test):  # causal-lm: what the global adapter says
+            rows[-1]["samples"] = samples
         if strategy.dropped_log.get(server_round):
             rows[-1]["dropped"] = strategy.dropped_log[server_round]
         if strategy.aggregate_log.get(server_round):
@@ -126,6 +128,7 @@ def reply_trust(job: JobConfig, data: FederatedData, nodes: dict[int, str], done
 def round_row(server_round: int, evaluation: dict, clients: list[dict], started: float) -> dict:
     """One committed round as the reporter and report.json show it."""
     return {"round": server_round, "accuracy": evaluation["accuracy"], "loss": evaluation["loss"],
+            **{k: evaluation[k] for k in GENERATION_METRICS if k in evaluation},
             "train_loss": float(np.mean(losses)) if (losses := [c["train_loss_last"] for c in clients
                                                                  if "rejected" not in c]) else math.nan,
             "bytes_up": int(sum(c["bytes_up"] for c in clients)),
@@ -133,12 +136,25 @@ def round_row(server_round: int, evaluation: dict, clients: list[dict], started:
             "elapsed_s": round(time.time() - started, 1), "clients": clients}
 
 
+GENERATION_METRICS = ("perplexity", "exact_match", "rouge_l")  # causal-lm evaluations add these
+
+
+def generation_summary(initial: dict, rows: list[dict]) -> dict:
+    """causal-lm report keys: initial_perplexity and final_perplexity/exact_match/rouge_l."""
+    if "perplexity" not in initial:
+        return {}
+    last = rows[-1] if rows else initial
+    return {"initial_perplexity": initial["perplexity"], "initial_exact_match": initial.get("exact_match"),
+            "initial_rouge_l": initial.get("rouge_l"),
+            **{f"final_{k}": last.get(k) for k in GENERATION_METRICS}}
+
+
 def write_report(out: Path, report: dict) -> None:
     """`out/report.json`: every report (plain job, period, continual summary) is written here."""
     (Path(out) / "report.json").write_text(json.dumps(report, indent=2))
 
 
-def build_report(job: JobConfig, data: FederatedData, classifier: AdapterClassifier,
+def build_report(job: JobConfig, data: FederatedData, classifier: AdaptedModel,
                  initial: dict, rows: list[dict], round_log: dict[int, list[dict]], started: float) -> dict:
     """The job's report; saves the classifier's adapter (PEFT format, with labels.json) in `out/adapter`."""
     out = Path(job.federation.out)
@@ -175,5 +191,7 @@ def build_report(job: JobConfig, data: FederatedData, classifier: AdapterClassif
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "total_params": sum(p.numel() for p in model.parameters()),
         "adapter_dir": str(adapter_dir), "wall_seconds": round(time.time() - started, 1),
-        "config": job.to_flat(),
+        "config": job.to_flat(), "objective": "causal-lm" if job.data.causal_lm else "classify",
+        "score_metric": classifier.score_metric,  # what `accuracy` measures
+        **generation_summary(initial, rows),
     }

@@ -23,7 +23,7 @@ from fedseek.aggregator.strategy import reply_origin
 from fedseek.config import JobConfig
 from fedseek.data.plan import federated_data
 from fedseek.data.tasks import FederatedData
-from fedseek.models.classifier import AdapterClassifier
+from fedseek.models.adapted import adapted_model, encode_rows
 from fedseek.models.lora import load_trainable_state, trainable_state
 from fedseek.wire.arrays import to_record
 from fedseek.wire.replies import CensusReply, ReplyError
@@ -43,10 +43,8 @@ def run_federation(grid: Grid, job: JobConfig, reporter: Reporter | None = None,
     `resume`: a `fedseek.platform.store.resume.ResumePoint` (rounds 1..k committed): go on from round k+1."""
     started = time.time()
     data = federated_data(job)
-    classifier = AdapterClassifier(job.federation.base_model, len(data.label_names), job.lora,
-                                   job.data.max_length, pooling=job.recipe.pooling,
-                                   components=job.recipe.components)
-    test = classifier.encode(data.test.texts, data.test.labels)
+    classifier = adapted_model(job, len(data.label_names))
+    test = encode_rows(classifier, data.test)
     initial = classifier.evaluate(test)
     done = resume.committed if resume else 0  # Flower numbers this run's rounds 1..; the job's are done+1..
     if resume and resume.tensors is not None:

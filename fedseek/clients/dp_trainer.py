@@ -22,7 +22,7 @@ from fedseek.clients.recipe import Phase
 from fedseek.config import FisherSettings, OptimSettings, PrivacySettings
 from fedseek.continual.ewc import EWCState, add_penalty_gradient
 from fedseek.continual.fisher import add_noise, clipped_square_sums, expand, group_sums
-from fedseek.models.classifier import AdapterClassifier, EncodedTexts
+from fedseek.models.adapted import AdaptedModel, EncodedRecords
 from fedseek.models.lora import LoraTargetError
 from fedseek.privacy.accountant import History, default_delta, epsilon
 from fedseek.privacy.planning import round_release
@@ -55,9 +55,10 @@ class RoundResult:
 
 
 class LocalTrainer:
-    """One institution's trainer; holds the Opacus-wrapped model for the life of the process."""
+    """One institution's trainer; holds the Opacus-wrapped model for the life of the process.
+    `classifier`: the adapted model, an AdapterClassifier or (causal-lm) an AdapterGenerator."""
 
-    def __init__(self, classifier: AdapterClassifier):
+    def __init__(self, classifier: AdaptedModel):
         self.classifier = classifier
         self.named_params = {n: p for n, p in classifier.model.named_parameters() if p.requires_grad}
         self.params = list(self.named_params.values())
@@ -68,11 +69,11 @@ class LocalTrainer:
         """Trainable parameters that get no per-sample gradient in one DP forward/backward pass on
         two fixed public strings (no records): e.g. on DeepSeek-V3 in transformers 5, PEFT maps the
         MLP targets onto the fused 3-D routed-expert parameters, which Opacus has no rule for."""
-        probe = self.classifier.encode(["public probe text", "another public probe"], [0, 0])
+        probe = self.classifier.public_probe()
         self.private_module.enable_hooks()
         self.classifier.model.train()
         try:
-            nn.functional.cross_entropy(self.classifier.logits(probe, [0, 1]), probe.labels).backward()
+            self.classifier.loss(probe, [0, 1]).backward()
             missing = [n for n, p in self.named_params.items() if getattr(p, "grad_sample", None) is None]
         except (RuntimeError, ValueError) as err:
             missing = [f"(the pass failed: {str(err)[:120]})"]
@@ -108,7 +109,7 @@ class LocalTrainer:
         device = self.params[0].device if self.params else "cpu"
         return noise_source(None if privacy.private_noise else (seed, stream), device)
 
-    def train_round(self, data: EncodedTexts, privacy: PrivacySettings, optim: OptimSettings,
+    def train_round(self, data: EncodedRecords, privacy: PrivacySettings, optim: OptimSettings,
                     server_round: int, total_rounds: int, history: History, seed: int,
                     ewc: EWCState | None = None, ewc_lambda: float = 0.0,
                     planned: History = (), phase: Phase | None = None) -> RoundResult:
@@ -159,13 +160,15 @@ class LocalTrainer:
                                       source.noise)
                 continue
             chunks = ([sample[i:i + 4096] for i in range(0, len(sample), 4096)] if probe else
-                      AdapterClassifier._length_sorted_chunks(data.inputs, sample, optim.chunk_size))
+                      self.classifier.chunks(data.inputs, sample, optim.chunk_size))
             step_loss = 0.0
             for index, chunk in enumerate(chunks):
                 last = index == len(chunks) - 1
-                logits = (self.classifier.head_logits(data, features[chunk]) if probe
-                          else self.classifier.logits(data, chunk))
-                loss = nn.functional.cross_entropy(logits, data.labels[chunk].to(logits.device))
+                if probe:
+                    logits = self.classifier.head_logits(data, features[chunk])
+                    loss = nn.functional.cross_entropy(logits, data.labels[chunk].to(logits.device))
+                else:
+                    loss = self.classifier.loss(data, chunk)
                 if not privacy.enabled:  # plain mean over the whole logical batch
                     loss = loss * len(chunk) / len(sample)
                 loss.backward()
@@ -186,7 +189,7 @@ class LocalTrainer:
             epsilon_rdp=epsilon(new_history, delta, "rdp") if privacy.enabled else math.inf,
             history=new_history)
 
-    def fisher(self, data: EncodedTexts, settings: FisherSettings, source: NoiseSource,
+    def fisher(self, data: EncodedRecords, settings: FisherSettings, source: NoiseSource,
                chunk_size: int = 256) -> tuple[dict[str, torch.Tensor], tuple[float, float, int]]:
         """DP diagonal Fisher at the current parameters over a Poisson sample of `data`; returns it
         (per coordinate, un-normalised) and the (sigma, q, steps) entry to charge to the history.
@@ -197,9 +200,8 @@ class LocalTrainer:
         self.private_module.enable_hooks()
         self.classifier.model.train()  # Opacus records activations in training mode only
         sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in self.named_params.items()}
-        for chunk in AdapterClassifier._length_sorted_chunks(data.inputs, sample, chunk_size):
-            logits = self.classifier.logits(data, chunk)
-            nn.functional.cross_entropy(logits, data.labels[chunk].to(logits.device)).backward()
+        for chunk in self.classifier.chunks(data.inputs, sample, chunk_size):
+            self.classifier.loss(data, chunk).backward()
             grad_samples = {n: p.grad_sample.detach().float() for n, p in self.named_params.items()}
             for name, value in clipped_square_sums(grad_samples, settings.clip_norm).items():
                 sums[name] += value

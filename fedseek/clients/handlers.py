@@ -20,7 +20,6 @@ import dataclasses
 import logging
 import math
 import zlib
-from functools import lru_cache
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, RecordDict
@@ -34,7 +33,7 @@ from fedseek.continual.ewc import EWCState
 from fedseek.data.loader import LabelledTexts, read_labelled_file
 from fedseek.data.periods import Period, split_validation
 from fedseek.data.plan import job_data
-from fedseek.models.classifier import AdapterClassifier, EncodedTexts
+from fedseek.models.adapted import EncodedRecords, adapted_model, encode_rows
 from fedseek.models.lora import load_trainable_state, trainable_state
 from fedseek.privacy.accountant import default_delta, epsilon
 from fedseek.privacy.planning import reserved_releases
@@ -47,23 +46,22 @@ PRIVACY_STATE = "privacy-history"
 COMPRESSION_STATE = "compression-residual"
 
 
-@lru_cache(maxsize=2)
-def _trainer(base: str | None, num_labels: int, lora_key: tuple, max_length: int, pooling: str = "last",
-             components: int = 0) -> LocalTrainer:
-    from fedseek.config import LoraSettings
-
-    lora = LoraSettings(*lora_key)
-    return LocalTrainer(AdapterClassifier(base, num_labels, lora, max_length, pooling=pooling, components=components))
+_trainers: dict[tuple, LocalTrainer] = {}  # the process's models (at most two kept)
 
 
 def trainer_for(job: JobConfig, num_labels: int) -> LocalTrainer:
-    lora = job.lora
-    key = (lora.rank, lora.alpha, lora.targets, lora.top_layers, lora.ffa, lora.seed, tuple(lora.extra_trainable))
-    return _trainer(job.federation.base_model, num_labels, key, job.data.max_length, job.recipe.pooling,
-                    job.recipe.components)
+    """The process's trainer for this job's model (loaded once, reused by every round and period)."""
+    fed, d = job.federation, job.data
+    key = (repr(job.lora), fed.base_model, fed.dtype, fed.quantize, num_labels, d.max_length, d.causal_lm,
+           d.response_tokens, job.recipe.pooling, job.recipe.components)
+    if key not in _trainers:
+        if len(_trainers) >= 2:
+            _trainers.pop(next(iter(_trainers)))
+        _trainers[key] = LocalTrainer(adapted_model(job, num_labels))
+    return _trainers[key]
 
 
-_site_cache: dict[tuple, tuple[str, EncodedTexts, EncodedTexts]] = {}
+_site_cache: dict[tuple, tuple[str, EncodedRecords, EncodedRecords]] = {}
 
 
 def _site_rows(job: JobConfig, node_config: dict, label_names: list[str],
@@ -76,8 +74,9 @@ def _site_rows(job: JobConfig, node_config: dict, label_names: list[str],
         data = job_data(job)
         return data.institutions[pid], data.train[pid], (data.validation or [None] * (pid + 1))[pid]
     d = job.data
-    rows = read_labelled_file(path, d.text_column, d.label_column, d.period_column, label_names=label_names,
-                              encoding=d.encoding)
+    rows = read_labelled_file(path, d.prompt_column if d.causal_lm else d.text_column, d.label_column,
+                              d.period_column, label_names=label_names, encoding=d.encoding,
+                              response_column=d.response_column if d.causal_lm else None)
     if d.periods:
         names = [n for n in d.period.split(PERIOD_SEPARATOR) if n]
         index = np.unique(np.concatenate([Period(n, active).selects(rows, d.periods, d.period_freq)
@@ -88,14 +87,14 @@ def _site_rows(job: JobConfig, node_config: dict, label_names: list[str],
 
 
 def site_data(job: JobConfig, node_config: dict, label_names: list[str], trainer: LocalTrainer,
-              active: list[int] | None = None) -> tuple[str, EncodedTexts, EncodedTexts | None]:
+              active: list[int] | None = None) -> tuple[str, EncodedRecords, EncodedRecords | None]:
     """(institution name, encoded training records, encoded validation records or None)."""
     key = (node_config.get("data-path"), node_config.get("partition-id"), repr(job.data),
            job.federation.seed, job.federation.institutions, job.federation.base_model, job.recipe.pooling,
            job.lora.top_layers)
     if key not in _site_cache:
         name, train, validation = _site_rows(job, node_config, label_names, active)
-        encode = lambda rows: trainer.classifier.encode(rows.texts, rows.labels, active_labels=active)  # noqa: E731
+        encode = lambda rows: encode_rows(trainer.classifier, rows, active)  # noqa: E731
         _site_cache[key] = (name, encode(train), encode(validation) if validation is not None and len(validation) else None)
     return _site_cache[key]
 
@@ -128,8 +127,8 @@ class Request:
     job: JobConfig
     trainer: LocalTrainer
     institution: str
-    data: EncodedTexts
-    validation: EncodedTexts | None
+    data: EncodedRecords
+    validation: EncodedRecords | None
     guard: SiteGuard
 
 

@@ -119,3 +119,20 @@ def apply_rule(job, records: list[int], given: set[str] = frozenset()) -> None:
                                   (job.data, "max_length", choice.max_length)):
         if name not in given:
             setattr(settings, name, value)
+
+
+# causal-lm: (tokens per record, response tokens) of the shipped generative tasks; user files get the last
+GENERATIVE_LENGTHS = {"banking77-gen": (64, 16), "pubmedqa-gen": (320, 64), "": (256, 64)}
+
+
+def apply_generative_rule(job, given: set[str] = frozenset()) -> None:
+    """A causal-lm job trains LoRA (the `lora` recipe) and reads its task's lengths: the shipped
+    banking77-gen's messages and intent names are short, PubMedQA's abstracts and answers long."""
+    if not job.data.causal_lm:
+        return
+    job.recipe.name = "lora"
+    shipped = not (job.data.data or job.data.data_dir)
+    length, response = GENERATIVE_LENGTHS[job.data.task if shipped and job.data.task in GENERATIVE_LENGTHS else ""]
+    for name, value in (("max_length", length), ("response_tokens", response)):
+        if name not in given:
+            setattr(job.data, name, value)

@@ -40,7 +40,9 @@ class DataError(ValueError):
 
 @dataclass
 class LabelledTexts:
-    """Texts with integer labels into `label_names`; `periods` is optional per-row metadata."""
+    """Texts with integer labels into `label_names`; `periods` is optional per-row metadata. The
+    causal-lm objective: `texts` are the prompts and `responses` the answers to generate (labels
+    then only steer partitioning and stratification)."""
 
     texts: list[str]
     labels: np.ndarray
@@ -48,6 +50,7 @@ class LabelledTexts:
     periods: list[str] | None = None
     source: str = ""
     lines: list[int] = field(default_factory=list)
+    responses: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -58,6 +61,7 @@ class LabelledTexts:
             [self.texts[i] for i in index], self.labels[index], self.label_names,
             None if self.periods is None else [self.periods[i] for i in index], self.source,
             [self.lines[i] for i in index] if self.lines else [],
+            None if self.responses is None else [self.responses[i] for i in index],
         )
 
 
@@ -131,31 +135,35 @@ def _read_rows(path: Path, encoding: str = "utf-8") -> list[tuple[int, dict]]:
 
 def read_labelled_file(path: str | Path, text_column: str, label_column: str,
                        period_column: str | None = None,
-                       label_names: list[str] | None = None, encoding: str = "utf-8") -> LabelledTexts:
+                       label_names: list[str] | None = None, encoding: str = "utf-8",
+                       response_column: str | None = None) -> LabelledTexts:
     """Read one CSV/JSONL file (text in `encoding`). With `label_names` given, a label outside it is
-    an error (e.g., a test file naming a class no institution trains on)."""
+    an error (e.g., a test file naming a class no institution trains on). With `response_column`
+    (causal-lm) `text_column` is the prompt column, and a file without `label_column` has one class."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     rows = _read_rows(path, encoding)
+    in_file = sorted(rows[0][1])
+    if response_column is not None and label_column not in rows[0][1]:
+        rows = [(line, {**record, label_column: "all"}) for line, record in rows]
+        label_names = label_names if label_names is not None else ["all"]
     columns = set(rows[0][1])
-    for role, column in (("--text-column", text_column), ("--label-column", label_column),
-                         ("--period-column", period_column)):
+    text_role = "--prompt-column" if response_column is not None else "--text-column"
+    for role, column in ((text_role, text_column), ("--label-column", label_column),
+                         ("--period-column", period_column), ("--response-column", response_column)):
         if column is not None and column not in columns:
             raise DataError(f"{path}: column {column!r} ({role}) not found; "
-                            f"columns are {sorted(columns)}", "data." + role[2:].replace("-", "_"))
-    texts, raw_labels, periods, lines = [], [], [], []
+                            f"columns are {in_file}", "data." + role[2:].replace("-", "_"))
+    texts, raw_labels, periods, lines, responses = [], [], [], [], []
     ids: dict[str, int] = {}
+    text_field = "data.prompt_column" if response_column is not None else "data.text_column"
     for line, record in rows:
         text, label = record.get(text_column), record.get(label_column)
-        if text is None or not str(text).strip():
-            raise DataError(f"{path}:{line}: empty {text_column!r}", "data.text_column")
-        if not isinstance(text, (str, int, float)) or isinstance(text, bool):
-            raise DataError(f"{path}:{line}: {text_column!r} must be text, got {type(text).__name__}",
-                            "data.text_column")
-        if len(str(text)) > MAX_TEXT_CHARS:
-            raise DataError(f"{path}:{line}: {text_column!r} is {len(str(text))} characters, more than "
-                            f"the {MAX_TEXT_CHARS} allowed", "data.text_column")
+        _check_text(path, line, text_column, text, text_field)
+        if response_column is not None:
+            _check_text(path, line, response_column, record.get(response_column), "data.response_column")
+            responses.append(str(record[response_column]).strip())
         if label is None or str(label).strip() == "":
             raise DataError(f"{path}:{line}: empty {label_column!r}", "data.label_column")
         if isinstance(label, (dict, list, bool)):
@@ -180,7 +188,19 @@ def read_labelled_file(path: str | Path, text_column: str, label_column: str,
                             f"the {len(label_names)} training labels", "data.label_column")
     labels = np.array([index[label] for label in raw_labels], dtype=np.int64)
     _warn_duplicates(path, texts, lines)
-    return LabelledTexts(texts, labels, list(label_names), periods or None, str(path), lines)
+    return LabelledTexts(texts, labels, list(label_names), periods or None, str(path), lines,
+                         responses if response_column is not None else None)
+
+
+def _check_text(path: Path, line: int, column: str, text, setting: str) -> None:
+    """A record's text field: present, non-empty, text, at most MAX_TEXT_CHARS."""
+    if text is None or not str(text).strip():
+        raise DataError(f"{path}:{line}: empty {column!r}", setting)
+    if not isinstance(text, (str, int, float)) or isinstance(text, bool):
+        raise DataError(f"{path}:{line}: {column!r} must be text, got {type(text).__name__}", setting)
+    if len(str(text)) > MAX_TEXT_CHARS:
+        raise DataError(f"{path}:{line}: {column!r} is {len(str(text))} characters, more than "
+                        f"the {MAX_TEXT_CHARS} allowed", setting)
 
 
 def _warn_once(source: str, kind: str, message: str, *args) -> None:

@@ -31,7 +31,8 @@ logger = logging.getLogger("fedseek")
 YEAR_BINS = ((None, 2004), (2005, 2009), (2010, 2013), (2014, None))
 SCHEMES = ("years", "intent-groups", "condition-groups", "column")
 _warned: set[tuple[str, int]] = set()
-DEFAULT_SCHEME = {"pubmedqa": "years", "banking77": "intent-groups", "medical_abstracts": "condition-groups"}
+DEFAULT_SCHEME = {"pubmedqa": "years", "banking77": "intent-groups", "medical_abstracts": "condition-groups",
+                  "pubmedqa-gen": "years", "banking77-gen": "intent-groups"}
 
 
 @dataclass

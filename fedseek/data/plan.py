@@ -17,11 +17,13 @@ def data_arguments(job: JobConfig) -> dict:
     """Keyword arguments of `fedseek.data.tasks.load_federated_data` for this job: the server and
     every simulated institution derive the same split from them."""
     d = job.data
+    user_pairs = d.causal_lm and bool(d.data or d.data_dir)  # shipped generative tasks carry their own
     return dict(task=d.task, institutions=job.federation.institutions, partition_scheme=d.partition,
                 alpha=d.alpha, seed=job.federation.seed, data=d.data, data_dir=d.data_dir,
-                test_data=d.test_data, text_column=d.text_column, label_column=d.label_column,
-                max_train_rows=d.max_train_rows or None, period_column=d.period_column,
-                max_test_rows=d.max_test_rows or None, encoding=d.encoding)
+                test_data=d.test_data, text_column=d.prompt_column if user_pairs else d.text_column,
+                label_column=d.label_column, max_train_rows=d.max_train_rows or None,
+                period_column=d.period_column, max_test_rows=d.max_test_rows or None, encoding=d.encoding,
+                response_column=d.response_column if user_pairs else None)
 
 
 def federated_data(job: JobConfig):
@@ -123,7 +125,8 @@ def dataset_fingerprint(job: JobConfig, deployed: bool = False) -> str:
 
         if d.task not in SHIPPED_TASKS:
             raise ValueError(f"data.task {d.task!r} is not a shipped task {list(SHIPPED_TASKS)}")
-        files = sorted(p for p in (SHIPPED / d.task).iterdir() if p.is_file())
+        # a generative task reads the same records as its classification twin: the same dataset (and budget)
+        files = sorted(p for p in (SHIPPED / d.task.removesuffix("-gen")).iterdir() if p.is_file())
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.name.encode() + b"\0" + _file_sha256(str(path.resolve()), *_stamp(path)).encode())

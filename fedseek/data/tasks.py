@@ -21,7 +21,7 @@ from fedseek.data.partition import partition, stratified_split
 from fedseek.resources import resource_path
 
 SHIPPED = resource_path("data/shipped", "banking77/train.csv")
-SHIPPED_TASKS = ("banking77", "medical_abstracts", "pubmedqa")
+SHIPPED_TASKS = ("banking77", "medical_abstracts", "pubmedqa", "banking77-gen", "pubmedqa-gen")
 PUBLIC_FRACTION = 0.30  # of banking77 train and medical_abstracts, reserved for pretraining
 SPLIT_SEED = 0
 
@@ -87,8 +87,38 @@ def _pubmedqa() -> tuple[LabelledTexts, LabelledTexts, list[str]]:
     return data.subset(train), data.subset(test), []
 
 
-_LOADERS = {"banking77": _banking77, "medical_abstracts": _medical_abstracts, "pubmedqa": _pubmedqa}
-_SITE_KIND = {"banking77": "bank", "medical_abstracts": "hospital", "pubmedqa": "hospital"}
+def _banking77_gen() -> tuple[LabelledTexts, LabelledTexts, list[str]]:
+    """Generative banking77: customer message -> intent name (scored by exact match)."""
+    train, test, public = _banking77()
+
+    def pairs(rows: LabelledTexts) -> LabelledTexts:
+        prompts = [f"Name the banking intent of this customer message: {t}" for t in rows.texts]
+        answers = [rows.label_names[label].replace("_", " ") for label in rows.labels]
+        return replace(rows, texts=prompts, responses=answers)
+
+    return pairs(train), pairs(test), public
+
+
+def _pubmedqa_gen() -> tuple[LabelledTexts, LabelledTexts, list[str]]:
+    """Generative PubMedQA: question + abstract -> the expert's long answer (scored by ROUGE-L);
+    the same split, labels (yes/no/maybe) and years as `pubmedqa`."""
+    records = list(json.loads((SHIPPED / "pubmedqa" / "ori_pqal.json").read_text()).values())
+    train, test, _ = _pubmedqa()
+    prompts = [f"Question: {r['QUESTION']}\nAbstract: {' '.join(r['CONTEXTS'])}" for r in records]
+    answers = [r["LONG_ANSWER"] for r in records]
+    split = {t: i for i, t in enumerate(r["QUESTION"] + " " + " ".join(r["CONTEXTS"]) for r in records)}
+
+    def pairs(rows: LabelledTexts) -> LabelledTexts:
+        index = [split[t] for t in rows.texts]
+        return replace(rows, texts=[prompts[i] for i in index], responses=[answers[i] for i in index])
+
+    return pairs(train), pairs(test), []
+
+
+_LOADERS = {"banking77": _banking77, "medical_abstracts": _medical_abstracts, "pubmedqa": _pubmedqa,
+            "banking77-gen": _banking77_gen, "pubmedqa-gen": _pubmedqa_gen}
+_SITE_KIND = {"banking77": "bank", "medical_abstracts": "hospital", "pubmedqa": "hospital",
+              "banking77-gen": "bank", "pubmedqa-gen": "hospital"}
 
 
 def public_pretraining_texts() -> list[str]:
@@ -106,12 +136,13 @@ def load_federated_data(task: str = "banking77", institutions: int = 3, partitio
                         text_column: str = "text", label_column: str = "label",
                         test_fraction: float = 0.2, max_train_rows: int | None = None,
                         period_column: str | None = None, max_test_rows: int | None = None,
-                        encoding: str = "utf-8") -> FederatedData:
+                        encoding: str = "utf-8", response_column: str | None = None) -> FederatedData:
     """Build the federation's data. Shipped `task`, or a user `data` file partitioned across
     `institutions`, or a `data_dir` holding one file per institution (+ optional `test.*`).
     `max_train_rows` / `max_test_rows`: a seeded random subset of that many rows (quick runs);
-    `encoding`: of the user's files (shipped tasks are UTF-8)."""
-    read = partial(read_labelled_file, encoding=encoding)
+    `encoding`: of the user's files (shipped tasks are UTF-8); `response_column`: causal-lm
+    (prompt, response) files, `text_column` then names the prompt column."""
+    read = partial(read_labelled_file, encoding=encoding, response_column=response_column)
     federation = _federated_data(read, task, institutions, partition_scheme, alpha, seed, data, data_dir, test_data,
                                  text_column, label_column, test_fraction, max_train_rows, period_column)
     return replace(federation, test=_at_most(federation.test, max_test_rows, seed))
@@ -169,6 +200,7 @@ def _from_directory(read, directory: Path, text_column: str, label_column: str, 
             held_parts.append(site.subset(held))
         sites = kept
         periods = sum((h.periods or [] for h in held_parts), []) if period_column else None
-        test = LabelledTexts(sum((h.texts for h in held_parts), []),
-                             np.concatenate([h.labels for h in held_parts]), names, periods, str(directory))
+        responses = sum((h.responses for h in held_parts), []) if held_parts[0].responses is not None else None
+        test = LabelledTexts(sum((h.texts for h in held_parts), []), np.concatenate([h.labels for h in held_parts]),
+                             names, periods, str(directory), responses=responses)
     return FederatedData(directory.name, names, [p.stem for p in site_files], sites, test)

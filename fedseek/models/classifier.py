@@ -79,6 +79,8 @@ class AdapterClassifier:
     layer's pooled states, standardized with public statistics and projected on the first
     `components` (0: all shipped) public principal directions: `fedseek.models.features`)."""
 
+    score_metric = "accuracy"  # what evaluate()'s `accuracy` measures
+
     def __init__(self, base: str | None, num_labels: int, lora: LoraSettings, max_length: int = 64,
                  device: str | None = None, pooling: str = "last", components: int = 0):
         if pooling not in ("last", "layers"):
@@ -227,6 +229,22 @@ class AdapterClassifier:
             self.model.train(was_training)
             data.features, data.features_digest = features, digest
         return data.features
+
+    def loss(self, data: EncodedTexts, index) -> torch.Tensor:
+        """Mean cross-entropy of the records `index` (the training objective)."""
+        logits = self.logits(data, index)
+        return nn.functional.cross_entropy(logits, data.labels[index].to(logits.device))
+
+    def public_probe(self) -> EncodedTexts:
+        """Two fixed public records (no institution data): the per-sample-gradient check's batch."""
+        return self.encode(["public probe text", "another public probe"], [0, 0])
+
+    def chunks(self, inputs, index: np.ndarray, chunk: int) -> list[np.ndarray]:
+        return self._length_sorted_chunks(inputs, index, chunk)
+
+    def evaluation_samples(self, data: EncodedTexts, count: int = 8) -> list[dict[str, str]]:
+        """Classification shows no generation samples."""
+        return []
 
     @torch.no_grad()
     def evaluate(self, data: EncodedTexts, chunk: int = 256) -> dict[str, float]:

@@ -60,16 +60,18 @@ def first_adapted_layer(model: nn.Module, settings: LoraSettings) -> int:
     return layers - settings.top_layers if 0 < settings.top_layers < layers else 0
 
 
-def apply_lora(model: nn.Module, settings: LoraSettings):
-    """Wrap a sequence-classification model with a PEFT LoRA adapter; head trained and saved."""
+def apply_lora(model: nn.Module, settings: LoraSettings, causal_lm: bool = False):
+    """Wrap a sequence-classification model with a PEFT LoRA adapter, head trained and saved; or
+    with `causal_lm` a causal LM (adapter only: it loads with stock `PeftModel` and generates)."""
     from peft import LoraConfig, TaskType, get_peft_model
 
     targets = resolve_targets(model, settings.targets)
     first = first_adapted_layer(model, settings)
     layers = int(model.config.num_hidden_layers)
     config = LoraConfig(
-        task_type=TaskType.SEQ_CLS, r=settings.rank, lora_alpha=settings.alpha, lora_dropout=0.0,
-        target_modules=targets, modules_to_save=list(settings.extra_trainable),
+        task_type=TaskType.CAUSAL_LM if causal_lm else TaskType.SEQ_CLS, r=settings.rank,
+        lora_alpha=settings.alpha, lora_dropout=0.0, target_modules=targets,
+        modules_to_save=None if causal_lm else list(settings.extra_trainable),
         layers_to_transform=list(range(first, layers)) if first else None,
         layers_pattern="layers" if first else None,
     )

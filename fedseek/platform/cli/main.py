@@ -78,11 +78,11 @@ def _run(values: dict) -> None:
 def _preflight(job, given: set[str] = frozenset()):
     """Fail fast, before Ray starts: data readable and valid, model loadable, LoRA targets match
     (and trainable under DP); the recipe's rule fills the DP hyper-parameters the user left out."""
-    from fedseek.clients.recipe import apply_rule
+    from fedseek.clients.recipe import apply_generative_rule, apply_rule
     from fedseek.data.plan import federated_data
-    from fedseek.models.loading import load_classifier, load_tokenizer
-    from fedseek.models.lora import resolve_targets
+    from fedseek.models.adapted import adapted_model
 
+    apply_generative_rule(job, given)
     data = federated_data(job)
     apply_rule(job, [len(t) for t in data.train], given)
     if job.data.data_dir:
@@ -92,16 +92,11 @@ def _preflight(job, given: set[str] = frozenset()):
 
         period_names(job)  # the scheme applies to this data (>= 2 periods)
         job.data.period = ""
-    tokenizer = load_tokenizer(job.federation.base_model)
-    resolve_targets(load_classifier(job.federation.base_model, len(data.label_names),
-                                    tokenizer.pad_token_id), job.lora.targets)
+    model = adapted_model(job, len(data.label_names))  # loadable, LoRA targets match (LoraTargetError)
     if job.privacy.enabled:  # every trainable tensor must get per-sample gradients, or no DP job starts
         from fedseek.clients.dp_trainer import LocalTrainer
-        from fedseek.models.classifier import AdapterClassifier
 
-        LocalTrainer(AdapterClassifier(job.federation.base_model, len(data.label_names), job.lora,
-                                       job.data.max_length, pooling=job.recipe.pooling,
-                                       components=job.recipe.components)).check_dp()
+        LocalTrainer(model).check_dp()
     return job
 
 

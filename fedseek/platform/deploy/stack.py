@@ -6,7 +6,8 @@ docker-compose services (and the deployment tests) run.
 - `write_node_keys`: an institution's SuperNode key pair (EC P-384, OpenSSH format, as Flower
   requires); only the public key leaves the institution, to be registered at the SuperLink.
 - `*_command`: argv of the SuperLink (Flower's, with the Control API on its own unpublished
-  listener: `control_plane`), `flower-supernode` and `flower-superexec` with TLS, node
+  listener: `control_plane`), `flower-supernode` and `flower-superexec` (Flower's, through
+  `launch`: shorter polls while busy, task processes started ahead) with TLS, node
   authentication, process isolation and no runtime dependency installation.
 """
 from __future__ import annotations
@@ -15,7 +16,6 @@ import datetime as dt
 import ipaddress
 import os
 import secrets
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,10 +154,10 @@ def placeholder_password(database_url: str | None) -> bool:
     return password == "" or any(fnmatch.fnmatchcase(password.lower(), p) for p in PLACEHOLDER_PASSWORDS)
 
 
-def _bin(name: str) -> str:
-    """A Flower executable from this interpreter's environment (falls back to PATH)."""
-    local = Path(sys.executable).parent / name
-    return str(local) if local.exists() else (shutil.which(name) or name)
+def flower_command(name: str) -> list[str]:
+    """Flower's `flower-supernode` / `flower-superexec` through `fedseek.platform.deploy.launch`
+    (same entry point and arguments; shorter polls while busy, task processes started ahead)."""
+    return [sys.executable, "-m", "fedseek.platform.deploy.launch", name]
 
 
 def superlink_command(certs: Path, state: Path, host: str = "0.0.0.0", port: int = 8000,
@@ -187,7 +187,7 @@ def supernode_command(superlink: str, ca: Path, key: Path, node_config: dict[str
     """`local_certs`: the institution's own CA/server certificate (`write_certs`) for the link
     between its SuperNode and its ClientApp process (the SuperNode's Runtime API)."""
     config = " ".join(f"{k}={_toml_value(v)}" for k, v in node_config.items() if v is not None)
-    command = [_bin("flower-supernode"), "--superlink", superlink, "--root-certificates", str(ca),
+    command = [*flower_command("flower-supernode"), "--superlink", superlink, "--root-certificates", str(ca),
                "--auth-supernode-private-key", str(key), "--node-config", config,
                "--isolation", isolation, "--host", host, "--port", str(port)]
     if secret:
@@ -220,7 +220,7 @@ def site_policy_config(text: str) -> dict[str, str]:
 def superexec_command(runtime_api: str, ca: Path | None = None, secret: Path | None = None) -> list[str]:
     """The process that runs the ServerApp (against the SuperLink) or the ClientApps (against a
     SuperNode). Without `ca` the link is plaintext: only for a SuperNode's loopback/private link."""
-    command = [_bin("flower-superexec"), "--runtime-api-address", runtime_api]
+    command = [*flower_command("flower-superexec"), "--runtime-api-address", runtime_api]
     command += ["--root-certificates", str(ca)] if ca else ["--insecure"]
     if secret:
         command += ["--superexec-auth-secret-file", str(secret)]

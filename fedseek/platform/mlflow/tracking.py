@@ -156,6 +156,8 @@ def _apply(client, op: dict, state: dict, artifact_root: Path | None, tracking_u
         stamp = int(op.get("timestamp_ms", 0))
         client.log_batch(runs[op["key"]], metrics=[Metric(k, float(v), stamp, int(op["step"]))
                                                    for k, v in op["metrics"].items()])
+    elif kind == "table":  # generation samples of a round (public/test prompts, never records)
+        client.log_table(runs[op["key"]], data=op["data"], artifact_file=op["artifact_file"])
     elif kind == "inputs":  # dataset inputs: counts and digests, never records
         from fedseek.platform.mlflow.dashboard import log_datasets
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from fedseek.aggregator.period import GENERATION_METRICS
 from fedseek.continual.report import heatmap_png
 from fedseek.platform.mlflow import dashboard, plots
 from fedseek.platform.mlflow.tracking import Outbox
@@ -49,11 +50,16 @@ def open_runs(outbox: Outbox, job, data, job_id: int, db_url: str, scope: str) -
 
 
 def round_metrics(outbox: Outbox, row: dict) -> None:
-    """One committed round: the job's accuracy/loss/bytes and each institution's ε, σ, q, steps."""
+    """One committed round: the job's accuracy/loss/bytes (causal-lm: perplexity, exact match, ROUGE-L and
+    a table of generation samples) and each institution's ε, σ, q, steps."""
     step = int(row["round"])
-    metrics = {k: row.get(k) for k in ("accuracy", "loss", "train_loss", "bytes_up")}
+    metrics = {k: row.get(k) for k in ("accuracy", "loss", "train_loss", "bytes_up", *GENERATION_METRICS) if k in row}
     metrics.update({f"epsilon/{c['institution']}": c.get("epsilon") for c in row.get("clients", [])})
     outbox.append("metrics", key="job", step=step, metrics=finite(metrics))
+    if row.get("samples"):  # causal-lm: what the global adapter answers, a table per round
+        columns = {k: [s[k] for s in row["samples"]] for k in ("prompt", "reference", "generated")}
+        outbox.append("table", key="job", artifact_file=f"samples/round_{step:03d}.json",
+                      data={"round": [step] * len(row["samples"]), **columns})
     for client in row.get("clients", []):
         outbox.append("metrics", key=f"institution:{client['institution']}", step=step,
                       metrics=finite({k: client.get(k) for k in CLIENT_METRICS}))

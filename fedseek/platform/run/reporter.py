@@ -10,6 +10,7 @@ from pathlib import Path
 
 from fedseek.platform.mlflow.registry import model_name, version_tags
 from fedseek.platform.mlflow.tracking import Outbox, flush_all
+from fedseek.aggregator.period import GENERATION_METRICS
 from fedseek.platform.run import job_tracking
 from fedseek.platform.store import ledger
 from fedseek.platform.store.checkpoints import checkpoint_path, crash_point, save_checkpoint
@@ -107,7 +108,8 @@ class PlatformReporter:
         self._flush()  # older journals first, so versions keep their order
         job_tracking.open_runs(self.outbox, job, data, self.job_id, self.db, self.scope)
         self.outbox.append("metrics", key="job", step=0,
-                           metrics=job_tracking.finite({"accuracy": initial["accuracy"], "loss": initial["loss"]}))
+                           metrics=job_tracking.finite({k: v for k, v in initial.items()
+                                                        if k in ("accuracy", "loss", *GENERATION_METRICS)}))
         self._flush()
         if self.inner:
             self.inner.start(job, data, initial)

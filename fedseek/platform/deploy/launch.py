@@ -1,0 +1,47 @@
+"""Flower 1.41's SuperNode and SuperExec as the deployment runs them: Flower's own entry points
+and arguments, with the fixed polls shortened while busy (`prompt`) and the SuperExec's task
+processes started ahead of their message (`warm`).
+
+    python -m fedseek.platform.deploy.launch flower-supernode <flower-supernode arguments>
+    python -m fedseek.platform.deploy.launch flower-superexec <flower-superexec arguments>
+    python -m fedseek.platform.deploy.launch task flwr-clientapp   (a warm task process; internal)
+"""
+from __future__ import annotations
+
+import sys
+
+COMMANDS = ("flower-supernode", "flower-superexec", "task")
+
+
+def main(argv: list[str]) -> None:
+    if not argv or argv[0] not in COMMANDS:
+        sys.exit(f"usage: python -m fedseek.platform.deploy.launch {{{','.join(COMMANDS)}}} ARGUMENTS")
+    command, args = argv[0], argv[1:]
+    from fedseek.platform.deploy import warm
+
+    if command == "task":
+        warm.run_task(args[0])
+        return
+    from fedseek.platform.deploy import prompt
+
+    if command == "flower-supernode":
+        prompt.prompt_supernode()
+    else:
+        from flwr.supercore.constant import ExecutorType
+        from flwr.supercore.superexec import run_superexec
+
+        clock, flower_executor = prompt.prompt_superexec(), run_superexec.get_executor
+
+        def get_executor(executor_type, *a, **kw):
+            if executor_type == ExecutorType.SUBPROCESS:
+                return warm.WarmExecutor(on_launch=clock.mark_active)
+            return flower_executor(executor_type, *a, **kw)
+
+        run_superexec.get_executor = get_executor
+    entry = warm.console_entry(command)
+    sys.argv = [command, *args]
+    entry()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
