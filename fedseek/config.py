@@ -13,16 +13,19 @@ PERIOD_SEPARATOR = "|"  # between period names of a joint job
 PARTITIONS, RECIPES = ("iid", "dirichlet"), ("probe", "lora")  # data.partition, recipe.name
 OBJECTIVES, DTYPES, QUANTIZE = ("classify", "causal-lm"), ("auto", "fp32", "bf16"), ("none", "4bit", "8bit")
 GENERATIVE_TASKS = ("banking77-gen", "pubmedqa-gen")  # shipped (prompt, response) tasks: causal-lm
-CODECS = ("none", "fp16", "int8", "int4")  # compression.codec
-RULES = ("fedavg", "trimmed-mean", "median")  # robust.rule
-METHODS = ("naive", "ewc", "online-ewc", "joint")  # ewc.method
-GRANULARITIES = ("tensor", "row", "coordinate")  # fisher.granularity
+CODECS, RULES = ("none", "fp16", "int8", "int4"), ("fedavg", "trimmed-mean", "median")  # compression, robust
+METHODS, GRANULARITIES = ("naive", "ewc", "online-ewc", "joint"), ("tensor", "row", "coordinate")  # ewc, fisher
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
 
 
 def opt(default: Any, help: str, flag: str = "", **cli: Any) -> Any:
-    """A field that is also a `fedseek simulate` option (fedseek.platform.cli.options): `flag` (default: the
-    field's name, dashed), `help` ("{default}" is filled in) and in `cli` typer's min/max, choices, path=True,
-    cli_default (the command's own default), rule=True (unset unless given: the DP recipe's rule fills it)."""
+    """A field that is also a `fedseek simulate` option (fedseek.platform.cli.options): `flag` (default: the name,
+    dashed), `help` ("{default}" filled in), `cli`: typer's min/max, choices, path=True, cli_default (the command's
+    own default), rule=True (unset unless given: a recipe's rule fills it)."""
     return field(default=default, metadata={"help": help, "flag": flag, **cli})
 
 
@@ -30,10 +33,8 @@ def opt(default: Any, help: str, flag: str = "", **cli: Any) -> Any:
 class DataSettings:
     """Where each institution's records come from and how they are split."""
 
-    task: str = opt("banking77", "Shipped task: banking77 | medical_abstracts | pubmedqa, or generative "
-                    "banking77-gen | pubmedqa-gen (causal-lm).")
-    objective: str = opt("classify", "classify (a label per text) or causal-lm (generate a response per prompt).",
-                         choices=OBJECTIVES)
+    task: str = opt("banking77", "Shipped task: banking77 | medical_abstracts | pubmedqa | banking77-gen | pubmedqa-gen.")
+    objective: str = opt("classify", "classify (label a text) or causal-lm (answer a prompt).", choices=OBJECTIVES)
     data: str | None = opt(None, "Your CSV/JSONL file, partitioned across institutions.", path=True)
     data_dir: str | None = opt(None, "Directory with one CSV/JSONL per institution (+ optional test.*).", path=True)
     test_data: str | None = opt(None, "Global test file for --data (default: 20% stratified hold-out).", path=True)
@@ -44,10 +45,9 @@ class DataSettings:
     encoding: str = opt("utf-8", "Text encoding of your data files, e.g. latin-1 or cp1252 (a Python codec name).")
     partition: str = opt("iid", "How records are split across institutions.", choices=PARTITIONS)
     alpha: float = opt(0.5, "Dirichlet concentration for --partition dirichlet.", min=1e-3)  # smaller: more non-IID
-    max_length: int = opt(64, "Tokens per record (default: the recipe's rule; lora: {default}; causal-lm: "
-                          "the task's).", rule=True, min=8)
-    response_tokens: int = opt(32, "causal-lm: tokens of a response, trained and generated (default: the "
-                               "task's).", rule=True, min=2)
+    max_length: int = opt(64, "Tokens per record (default: the rule's; lora: {default}).", rule=True, min=8)
+    response_tokens: int = opt(32, "causal-lm: response tokens trained and generated (default: the task's).",
+                               rule=True, min=2)
     max_train_rows: int = opt(0, "Use at most this many training rows in total (0 = all).", min=0)
     max_test_rows: int = opt(0, "Evaluate on a seeded random subset of this many test rows (0 = all).", min=0)
     periods: str = opt("", "Continual learning: period scheme years | intent-groups | condition-groups | column "
@@ -90,8 +90,7 @@ class FederationSettings:
     institutions: int = opt(3, "Simulated institutions (ignored with --data-dir).", min=1)
     rounds: int = opt(5, "Federated rounds.", min=1)
     seed: int = opt(0, "Seed for partitioning, sampling and LoRA init.")  # the CLI's --seed is lora.seed too
-    base_model: str | None = opt(None, "Local checkpoint directory (DeepSeek-V2/V3, R1-Distill Qwen/Llama); "
-                                 "default: embedded.", path=True)
+    base_model: str | None = opt(None, "Local checkpoint (DeepSeek-V2/V3, R1-Distill); default: embedded.", path=True)
     out: str = opt("runs/latest", "Output directory (report.json, adapter/).", path=True)
     study: str = ""  # a comparison/tuning arm's name; every arm is charged to the same institutions' ledger
     min_institutions: int = 0  # a round completes with this many updates (0 = all institutions)
@@ -152,9 +151,8 @@ class OptimSettings:
 class RecipeSettings:
     """Which DP recipe a job trains with; `probe_rounds` < 0 means "all rounds" (the rule's value)."""
 
-    name: str = opt("lora", "DP recipe: probe = head on every layer's pooled states (public-slice standardization), "
-                    "DP linear probe then optional DP LoRA (LP-FT), hyper-parameters from the rule in "
-                    "fedseek.clients.recipe; lora = the old LoRA + last-layer head recipe.", "recipe",
+    name: str = opt("lora", "DP recipe: probe = DP head on every layer's pooled states, then optional LoRA "
+                    "(fedseek.clients.recipe); lora = LoRA + last-layer head (causal-lm: always).", "recipe",
                     choices=RECIPES, cli_default="probe")
     probe_rounds: int = opt(-1, "probe recipe: head-only rounds before LoRA rounds (default: all).",
                             rule=True, min=0)  # head-only rounds at the start; -1 = every round
@@ -182,10 +180,8 @@ class CompressionSettings:
         return self.codec != "none" or self.topk > 0
 
     def __post_init__(self):
-        if self.codec not in CODECS:
-            raise ValueError(f"unknown compression codec {self.codec!r}; choose one of {CODECS}")
-        if not 0.0 <= self.topk < 1.0:
-            raise ValueError(f"topk must be a fraction in [0, 1), got {self.topk}")
+        _check(self.codec in CODECS, f"unknown compression codec {self.codec!r}; choose one of {CODECS}")
+        _check(0.0 <= self.topk < 1.0, f"topk must be a fraction in [0, 1), got {self.topk}")
 
 
 @dataclass
@@ -202,14 +198,11 @@ class RobustSettings:
                                "(0 = off; needs >= 3 institutions).", min=0.0)
 
     def __post_init__(self):
-        if self.rule not in RULES:
-            raise ValueError(f"unknown aggregation rule {self.rule!r}; choose one of {RULES}")
-        if not 0.0 <= self.trim_fraction < 0.5:
-            raise ValueError(f"trim_fraction must be in [0, 0.5), got {self.trim_fraction}")
-        if self.clip_norm < 0 or self.max_update_bytes < 0 or self.outlier_ratio < 0:
-            raise ValueError("clip_norm, max_update_bytes and outlier_ratio must be >= 0")
-        if 0 < self.outlier_ratio <= 1:
-            raise ValueError(f"outlier_ratio must be > 1 (or 0 = off), got {self.outlier_ratio}")
+        _check(self.rule in RULES, f"unknown aggregation rule {self.rule!r}; choose one of {RULES}")
+        _check(0.0 <= self.trim_fraction < 0.5, f"trim_fraction must be in [0, 0.5), got {self.trim_fraction}")
+        _check(min(self.clip_norm, self.max_update_bytes, self.outlier_ratio) >= 0,
+               "clip_norm, max_update_bytes and outlier_ratio must be >= 0")
+        _check(not 0 < self.outlier_ratio <= 1, f"outlier_ratio must be > 1 (or 0 = off), got {self.outlier_ratio}")
 
 
 @dataclass
@@ -223,10 +216,8 @@ class EWCSettings:
     fisher_after: bool = False  # this job ends with a Fisher pass (planned into its ε budget)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"continual method {self.method!r} is not one of {METHODS}")
-        if self.lam < 0 or not 0 <= self.gamma <= 1:
-            raise ValueError("EWC needs lambda >= 0 and 0 <= gamma <= 1")
+        _check(self.method in METHODS, f"continual method {self.method!r} is not one of {METHODS}")
+        _check(self.lam >= 0 and 0 <= self.gamma <= 1, "EWC needs lambda >= 0 and 0 <= gamma <= 1")
 
     @property
     def uses_fisher(self) -> bool:
@@ -244,10 +235,9 @@ class FisherSettings:
                            choices=GRANULARITIES)
 
     def __post_init__(self) -> None:
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(f"fisher granularity {self.granularity!r} is not one of {GRANULARITIES}")
-        if not 0 < self.sample_rate <= 1 or self.noise_multiplier < 0 or self.clip_norm <= 0:
-            raise ValueError("fisher needs 0 < sample_rate <= 1, noise_multiplier >= 0, clip_norm > 0")
+        _check(self.granularity in GRANULARITIES, f"fisher granularity {self.granularity!r} is not one of {GRANULARITIES}")
+        _check(0 < self.sample_rate <= 1 and self.noise_multiplier >= 0 and self.clip_norm > 0,
+               "fisher needs 0 < sample_rate <= 1, noise_multiplier >= 0, clip_norm > 0")
 
 
 @dataclass
@@ -265,12 +255,8 @@ class JobConfig:
 
     def to_flat(self) -> dict[str, Any]:
         """`section.field` -> value; None values are left out (ConfigRecord has no None)."""
-        flat: dict[str, Any] = {}
-        for section in dataclasses.fields(self):
-            for key, value in dataclasses.asdict(getattr(self, section.name)).items():
-                if value is not None:
-                    flat[f"{section.name}.{key}"] = value
-        return flat
+        return {f"{section.name}.{key}": value for section in dataclasses.fields(self)
+                for key, value in dataclasses.asdict(getattr(self, section.name)).items() if value is not None}
 
     @classmethod
     def from_flat(cls, flat: dict[str, Any]) -> "JobConfig":
@@ -300,18 +286,15 @@ class JobConfig:
 
 def _parse(declared: str, text: str, item: str):
     """`text` as the declared type (a string annotation: int, float, bool, str, list[str], X | None)."""
-    kinds = [k.strip() for k in str(declared).split("|")]
-    if "None" in kinds and text.lower() in ("", "none"):
+    kind, *others = [k.strip() for k in str(declared).split("|")]
+    if "None" in others and text.lower() in ("", "none"):
         return None
-    kind = kinds[0]
     try:
         if kind == "bool":
             return {"true": True, "1": True, "false": False, "0": False}[text.lower()]
-        if kind in ("int", "float"):
-            return {"int": int, "float": float}[kind](text)
         if kind.startswith("list"):
             return [part.strip() for part in text.split(",") if part.strip()]
-        return text
+        return {"int": int, "float": float}.get(kind, str)(text)
     except (KeyError, ValueError):
         raise ValueError(f"--set {item!r}: {text!r} is not a valid {kind}") from None
 

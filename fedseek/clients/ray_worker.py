@@ -1,10 +1,13 @@
 """An institution's local training as a Ray actor on its own Ray cluster (GPU workers).
 
-In deployment the SuperNode starts one short-lived ClientApp process per message. When the node
-config names a Ray cluster (`ray-address`), that process only forwards the message to a named,
-detached `SiteWorker` actor of the institution, which holds the base model, the encoded records
-and the frozen-prefix cache across rounds and jobs, and is placed by Ray on a worker with the
-institution's `num-gpus` / `num-cpus`. Without a GPU the same actor runs on CPU.
+In deployment the ClientApp runs in a process of the institution's ClientApp SuperExec (one per
+message with Flower's own executor; one for all messages with `fedseek.platform.deploy.serve`).
+When the node config names a Ray cluster (`ray-address`), that process only forwards the message
+to a named, detached `SiteWorker` actor of the institution, which holds the base model, the
+encoded records and the frozen-prefix cache across rounds and jobs, and is placed by Ray on a
+worker with the institution's `num-gpus` / `num-cpus`. Without a GPU the same actor runs on CPU.
+A process joins the Ray cluster once and keeps the actor's handle, so in a long-lived process a
+message costs one actor call; a Ray failure drops both, and the next message joins again.
 """
 from __future__ import annotations
 
@@ -66,16 +69,37 @@ def connect(address: str) -> None:
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, configure_logging=False)
 
 
+_HANDLES: dict[tuple[str, str], object] = {}  # (ray address, actor name) -> this process's handle
+
+
 def site_worker(node_config: dict):
-    connect(str(node_config["ray-address"]))
-    return SiteWorker.options(**worker_options(node_config)).remote()
+    """The institution's actor (created on first use), its handle kept for this process."""
+    address, options = str(node_config["ray-address"]), worker_options(node_config)
+    connect(address)
+    key = (address, options["name"])
+    if key not in _HANDLES:
+        _HANDLES[key] = SiteWorker.options(**options).remote()
+    return _HANDLES[key]
+
+
+def forget_workers() -> None:
+    """After a Ray failure: drop the handles and leave the cluster (the next message joins again)."""
+    _HANDLES.clear()
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 def run_on_worker(kind: str, content: RecordDict, context: Context) -> RecordDict:
     """Run one handler on the institution's worker; its updated node state (privacy history,
     compression residual) is copied back into `context` for the SuperNode to keep."""
     worker = site_worker(dict(context.node_config))
-    reply, state = ray.get(worker.handle.remote(kind, content, context))
+    try:
+        reply, state = ray.get(worker.handle.remote(kind, content, context))
+    except ray.exceptions.RayTaskError:  # raised in the actor's code: the actor and cluster are fine
+        raise
+    except ray.exceptions.RayError:  # the actor or the cluster failed
+        forget_workers()
+        raise
     for key in list(context.state.keys()):
         if key not in state:
             del context.state[key]

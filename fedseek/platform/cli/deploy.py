@@ -237,6 +237,7 @@ def run(superlink: str = typer.Option(CONTROL, help="The SuperLink's control lis
                                    "round (its settings come from the platform DB; job options here are ignored)."),
         track: bool = typer.Option(True, "--track/--no-track", help="Record in the platform DB, ledger and MLflow.")) -> None:
     """Launch a federated DP-LoRA job on the deployed federation (`flwr run` of this project)."""
+    from fedseek.clients.recipe import apply_generative_rule
     from fedseek.config import JobConfig
     from fedseek.platform.deploy.stack import write_flwr_config
     from fedseek.platform.deploy.flwr_cli import app_directory, flwr_binary, run_status, stream_output
@@ -250,6 +251,7 @@ def run(superlink: str = typer.Option(CONTROL, help="The SuperLink's control lis
     job.privacy.enabled, job.privacy.target_epsilon = not no_dp, epsilon
     job.federation.min_institutions, job.federation.round_timeout = min_institutions, round_timeout
     job.federation.rejoin_wait = rejoin_wait
+    apply_generative_rule(job)  # a generative task's lengths (before --set, which wins)
     flat = _checked(job.with_overrides, set_).to_flat()
     if resume and not track:
         fail("--resume continues a platform job: it cannot be combined with --no-track")

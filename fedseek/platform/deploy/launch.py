@@ -4,13 +4,14 @@ processes started ahead of their message (`warm`).
 
     python -m fedseek.platform.deploy.launch flower-supernode <flower-supernode arguments>
     python -m fedseek.platform.deploy.launch flower-superexec <flower-superexec arguments>
-    python -m fedseek.platform.deploy.launch task flwr-clientapp   (a warm task process; internal)
+    python -m fedseek.platform.deploy.launch task flwr-serverapp   (a warm task process; internal)
+    python -m fedseek.platform.deploy.launch serve                 (the ClientApp process; internal)
 """
 from __future__ import annotations
 
 import sys
 
-COMMANDS = ("flower-supernode", "flower-superexec", "task")
+COMMANDS = ("flower-supernode", "flower-superexec", "task", "serve")
 
 
 def main(argv: list[str]) -> None:
@@ -21,6 +22,12 @@ def main(argv: list[str]) -> None:
 
     if command == "task":
         warm.run_task(args[0])
+        return
+    if command == "serve":
+        from fedseek.platform.deploy.serve import serve_clientapps
+
+        warm.preload("flwr-clientapp")
+        serve_clientapps()
         return
     from fedseek.platform.deploy import prompt
 

@@ -25,7 +25,7 @@ from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExec
 from flwr.supercore.superexec.executor.types import ExecutionSpec, LaunchResult
 
 # third-party modules a task of this kind imports anyway (the app's own modules never: FAB code)
-PRELOAD = {"flwr-clientapp": ("ray",), "flwr-serverapp": ("torch",)}
+PRELOAD = {"flwr-clientapp": ("flwr.supernode.runtime.run_clientapp", "ray"), "flwr-serverapp": ("torch",)}
 APP_PACKAGE = "fedseek"
 
 
@@ -44,29 +44,32 @@ def task_arguments(spec: ExecutionSpec) -> list[str]:
 
 
 class WarmExecutor(SubprocessExecutor):
-    """Flower's subprocess executor with the next process of each task kind started ahead.
-    `on_launch` is called at every launch (the SuperExec polls fast after one)."""
+    """Flower's subprocess executor with the next process of each task kind started ahead, and
+    one long-lived process for all ClientApp tasks (`serve`: a SuperNode hands out one message
+    at a time, so they run one after the other). `on_launch` is called at every launch (the
+    SuperExec polls fast after one)."""
 
     def __init__(self, on_launch: Callable[[], None] = lambda: None):
         self.on_launch = on_launch
         self.ready: dict[tuple[TaskType, bool], subprocess.Popen] = {}  # waiting for a task
         self.running: dict[tuple[TaskType, bool], list[subprocess.Popen]] = {}  # handed a task
+        self.servers: dict[bool, subprocess.Popen] = {}  # ClientApp tasks, by suppressed output
 
-    def start(self, key: tuple[TaskType, bool]) -> subprocess.Popen:
-        task_type, quiet = key
+    @staticmethod
+    def start(task_type: TaskType, quiet: bool, serve: bool = False) -> subprocess.Popen:
         output = subprocess.DEVNULL if quiet else None
-        return subprocess.Popen([sys.executable, "-m", "fedseek.platform.deploy.launch", "task",
-                                 TASK_TYPE_TO_COMMAND[task_type]],
+        mode = ["serve"] if serve else ["task", TASK_TYPE_TO_COMMAND[task_type]]
+        return subprocess.Popen([sys.executable, "-m", "fedseek.platform.deploy.launch", *mode],
                                 stdin=subprocess.PIPE, stdout=output, stderr=output, text=True)
 
     @staticmethod
-    def hand_over(proc: subprocess.Popen, args: list[str]) -> bool:
-        """Give a waiting process its task; False if it is gone."""
+    def hand_over(proc: subprocess.Popen, args: list[str], last: bool = True) -> bool:
+        """Give a waiting process a task (`last`: its only one); False if it is gone."""
         if proc.poll() is not None:
             return False
         try:
             proc.stdin.write(json.dumps(args) + "\n")
-            proc.stdin.close()
+            proc.stdin.close() if last else proc.stdin.flush()
         except (BrokenPipeError, OSError, ValueError):
             return False
         return True
@@ -74,12 +77,19 @@ class WarmExecutor(SubprocessExecutor):
     def launch(self, spec: ExecutionSpec) -> LaunchResult:
         self.on_launch()
         key, args = (spec.task_type, spec.suppress_output), task_arguments(spec)
+        if spec.task_type == TaskType.CLIENT_APP:
+            server = self.servers.get(spec.suppress_output)
+            if server is None or not self.hand_over(server, args, last=False):
+                self.servers[spec.suppress_output] = server = self.start(*key, serve=True)
+                if not self.hand_over(server, args, last=False):
+                    return LaunchResult.failed("the ClientApp process exited before its task")
+            return LaunchResult.accepted()
         proc = self.ready.pop(key, None)
         if proc is None or not self.hand_over(proc, args):
             if proc is not None:
                 proc.kill()
                 proc.wait()
-            proc = self.start(key)
+            proc = self.start(*key)
             if not self.hand_over(proc, args):
                 return LaunchResult.failed(f"{TASK_TYPE_TO_COMMAND[spec.task_type]} exited before its task")
         self.running.setdefault(key, []).append(proc)
@@ -91,20 +101,21 @@ class WarmExecutor(SubprocessExecutor):
         for key, procs in self.running.items():
             procs[:] = [p for p in procs if p.poll() is None]
             if not procs and (key not in self.ready or self.ready[key].poll() is not None):
-                self.ready[key] = self.start(key)
+                self.ready[key] = self.start(*key)
 
     def close(self) -> None:
-        for proc in self.ready.values():
+        for proc in [*self.ready.values(), *self.servers.values()]:
             try:
                 proc.stdin.close()  # a waiting process exits on end of input
             except OSError:
                 pass
-        for proc in self.ready.values():
+        for proc in [*self.ready.values(), *self.servers.values()]:
             try:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 proc.kill()
         self.ready.clear()
+        self.servers.clear()
 
 
 def console_entry(command: str) -> Callable[[], None]:
@@ -119,9 +130,8 @@ def drop_app_modules() -> None:
         del sys.modules[name]
 
 
-def run_task(command: str) -> None:
-    """A warm task process: import, wait for the task's arguments on stdin, run Flower's entry.
-    End of input without arguments (the SuperExec stopped): exit quietly."""
+def preload(command: str) -> Callable[[], None]:
+    """Import Flower's entry point of `command` and the third-party modules its tasks use."""
     import importlib
 
     entry = console_entry(command)
@@ -130,6 +140,13 @@ def run_task(command: str) -> None:
             importlib.import_module(module)
         except ImportError:
             pass
+    return entry
+
+
+def run_task(command: str) -> None:
+    """A warm task process: import, wait for the task's arguments on stdin, run Flower's entry.
+    End of input without arguments (the SuperExec stopped): exit quietly."""
+    entry = preload(command)
     if command == "flwr-serverapp":
         from fedseek.platform.deploy.prompt import prompt_grid
 
