@@ -161,6 +161,8 @@ def build_report(job: JobConfig, data: FederatedData, classifier: AdaptedModel,
     adapter_dir = out / "adapter"
     classifier.model.save_pretrained(adapter_dir)
     (adapter_dir / "labels.json").write_text(json.dumps(data.label_names))
+    if job.data.causal_lm:
+        classifier.save_settings(adapter_dir)  # generation.json: prompt length and answer tokens
     final_clients = {c["institution"]: c for c in round_log.get(max(round_log, default=0), [])}
     dp = job.privacy.enabled
     per_site = lambda key: {n: c.get(key) for n, c in final_clients.items()}  # noqa: E731

@@ -11,8 +11,10 @@ and continual-learning matrix reads) is exact match for short label-like answers
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,6 +26,7 @@ from fedseek.models.features import decoder_of
 from fedseek.models.loading import load_causal_lm, load_tokenizer
 from fedseek.models.lora import apply_lora, first_adapted_layer
 
+GENERATION_FILE = "generation.json"  # saved beside a causal-lm adapter
 PLAIN_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"  # checkpoints without a chat template
 SHORT_ANSWER_WORDS = 4  # references this short (median) are labels: scored by exact match, else ROUGE-L
 TOKENS_PER_CHUNK = 16384  # physical chunk size in tokens: bounds activation memory, not the math
@@ -77,6 +80,33 @@ class AdapterGenerator:
         self.num_labels = 0
         self.last_answers: list[str] = []  # of the last `evaluate`, for `evaluation_samples`
         self.score_metric = "exact_match"  # `accuracy` of evaluate(): exact match, or ROUGE-L for text answers
+
+    @classmethod
+    def from_adapter(cls, adapter_dir: str | Path, base: str | None = None, device: str | None = None):
+        """A saved causal-lm adapter (PEFT format + `generation.json`) on `base` (default: the base
+        recorded in its adapter_config.json if that directory exists here, else the embedded one)."""
+        from peft import PeftModel
+
+        adapter_dir = Path(adapter_dir)
+        settings = json.loads((adapter_dir / GENERATION_FILE).read_text())
+        recorded = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        base = base or (recorded if recorded and Path(recorded, "config.json").is_file() else None)
+        self = cls.__new__(cls)
+        self.tokenizer = load_tokenizer(base)
+        model = load_causal_lm(base, settings.get("dtype", "fp32"))
+        self.first_adapted, self.device = 0, torch.device(device or default_device())
+        self.model = PeftModel.from_pretrained(model, adapter_dir).to(self.device).eval()
+        self.decoder = decoder_of(self.model)
+        self.max_length, self.max_new_tokens = settings["max_length"], settings["max_new_tokens"]
+        self.num_labels, self.last_answers, self.score_metric = 0, [], settings.get("score_metric", "exact_match")
+        self.base = base
+        return self
+
+    def save_settings(self, adapter_dir: str | Path) -> None:
+        """`generation.json` beside the adapter: how prompts are cut and answers generated."""
+        Path(adapter_dir, GENERATION_FILE).write_text(json.dumps({
+            "max_length": self.max_length, "max_new_tokens": self.max_new_tokens, "score_metric": self.score_metric,
+            "template": "chat" if getattr(self.tokenizer, "chat_template", None) else PLAIN_TEMPLATE}, indent=2))
 
     # -- inputs -------------------------------------------------------------------------------
     def format_prompt(self, prompt: str) -> str:
