@@ -168,3 +168,23 @@ def test_a_quantized_base_is_refused_without_a_gpu():
         pytest.skip("this machine has a GPU: the refusal is for CPU-only machines")
     with pytest.raises(ModelLoadError, match="needs a CUDA GPU"):
         load_causal_lm(None, "fp32", "4bit")
+
+
+def test_lora_on_routed_experts_is_refused_under_dp_and_trains_without():
+    """`attention+mlp` on DeepSeek-V3 puts LoRA on the fused 3-D routed-expert parameters (PEFT's
+    parameter targeting), which Opacus has no per-sample rule for: a DP job is refused before any
+    record is sampled; without DP the same adapter trains."""
+    from fedseek.config import OptimSettings, PrivacySettings
+    from fedseek.models.lora import LoraTargetError
+
+    model = AdapterGenerator(None, LoraSettings(targets="attention+mlp", extra_trainable=[]), 96, max_new_tokens=16)
+    assert any("experts" in n for n, p in model.model.named_parameters() if p.requires_grad and "lora" in n)
+    trainer = LocalTrainer(model)
+    with pytest.raises(LoraTargetError, match="routed experts"):
+        trainer.check_dp()
+    data = model.encode(PROMPTS, ANSWERS)
+    before = {n: p.detach().clone() for n, p in trainer.named_params.items()}
+    optim = OptimSettings(local_steps=2, batch_fraction=1.0, learning_rate=1e-2)
+    trainer.train_round(data, PrivacySettings(enabled=False), optim, 1, 1, [], seed=0)
+    changed = [n for n, p in trainer.named_params.items() if not torch.equal(p.detach(), before[n])]
+    assert any("experts" in n for n in changed)
