@@ -37,6 +37,20 @@ class EncodedTexts:
         return len(self.inputs)
 
 
+def left_pad(items: list[torch.Tensor], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad ids (with `pad_id`) or hidden states (with zeros) on `device`; the mask marks real tokens."""
+    length = max(len(x) for x in items)
+    mask = torch.zeros(len(items), length, dtype=torch.long, device=device)
+    if items[0].dim() == 1:
+        out = torch.full((len(items), length), pad_id, dtype=torch.long, device=device)
+    else:
+        out = torch.zeros(len(items), length, items[0].shape[-1], dtype=items[0].dtype, device=device)
+    for row, x in enumerate(items):
+        out[row, length - len(x):] = x
+        mask[row, length - len(x):] = 1
+    return out, mask
+
+
 @contextmanager
 def _only_layers_from(decoder: nn.Module, first: int):
     layers = decoder.layers
@@ -163,18 +177,7 @@ class AdapterClassifier:
         return digest.hexdigest()
 
     def _pad(self, items: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-pad ids (with the pad id) or hidden states (with zeros); mask marks real tokens."""
-        length = max(len(x) for x in items)
-        device = self.device
-        mask = torch.zeros(len(items), length, dtype=torch.long, device=device)
-        if items[0].dim() == 1:
-            out = torch.full((len(items), length), self.tokenizer.pad_token_id, dtype=torch.long, device=device)
-        else:
-            out = torch.zeros(len(items), length, items[0].shape[-1], dtype=items[0].dtype, device=device)
-        for row, x in enumerate(items):
-            out[row, length - len(x):] = x
-            mask[row, length - len(x):] = 1
-        return out, mask
+        return left_pad(items, self.tokenizer.pad_token_id, self.device)
 
     @staticmethod
     def _length_sorted_chunks(inputs, index: np.ndarray, chunk: int) -> list[np.ndarray]:

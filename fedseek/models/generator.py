@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from fedseek.config import LoraSettings
-from fedseek.models.classifier import _only_layers_from, default_device
+from fedseek.models.classifier import _only_layers_from, default_device, left_pad
 from fedseek.models.features import decoder_of
 from fedseek.models.loading import load_causal_lm, load_tokenizer
 from fedseek.models.lora import apply_lora, first_adapted_layer
@@ -158,17 +158,7 @@ class AdapterGenerator:
         return self.encode(["public probe text", "another public probe"], ["an answer", "a longer public answer"])
 
     def _pad(self, items: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-pad ids (pad id) or hidden states (zeros); the mask marks real tokens."""
-        length = max(len(x) for x in items)
-        mask = torch.zeros(len(items), length, dtype=torch.long, device=self.device)
-        if items[0].dim() == 1:
-            out = torch.full((len(items), length), self.tokenizer.pad_token_id, dtype=torch.long, device=self.device)
-        else:
-            out = torch.zeros(len(items), length, items[0].shape[-1], dtype=items[0].dtype, device=self.device)
-        for row, x in enumerate(items):
-            out[row, length - len(x):] = x
-            mask[row, length - len(x):] = 1
-        return out, mask
+        return left_pad(items, self.tokenizer.pad_token_id, self.device)
 
     def chunks(self, inputs, index: np.ndarray, chunk: int) -> list[np.ndarray]:
         """Length-sorted physical chunks of at most `chunk` records and TOKENS_PER_CHUNK tokens."""
