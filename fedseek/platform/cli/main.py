@@ -117,6 +117,10 @@ from fedseek.platform.cli.deploy import register_commands as register_deploy  # 
 
 register_deploy(app)
 
+from fedseek.platform.cli.generate import register as register_generate  # noqa: E402
+
+register_generate(app)
+
 
 def main() -> None:  # pragma: no cover - console-script shim
     app()

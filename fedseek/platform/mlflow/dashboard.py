@@ -106,8 +106,12 @@ def log_budget(client, experiment_id: str, op: dict) -> None:
     client.set_terminated(run_id, "FINISHED", end_time=stamp)
 
 
+SCORES = {"exact_match": "exact match", "rouge_l": "ROUGE-L"}  # what a causal-lm version's accuracy is
+
+
 def version_description(tags: dict) -> str:
-    """Markdown of a registered version: promotion decision and reason first, then accuracy, ε per
+    """Markdown of a registered version: promotion decision and reason first, then accuracy (for a
+    causal-lm version: its score, exact match or ROUGE-L, with perplexity beside it), ε per
     institution (δ, σ, q, steps), forgetting/BWT where continual, job and data scope."""
     decision = tags.get("promotion")
     # plain text first: the registry's version list shows only the start of it
@@ -115,8 +119,12 @@ def version_description(tags: dict) -> str:
             f"{tags.get('promotion_reason', '')}" if decision else "Promotion pending (candidate)")
     eps = json.loads(tags.get("epsilon") or "{}")
     privacy = ", ".join(f"{k} {float(v):.3f}" for k, v in sorted(eps.items())) or "no DP"
-    lines = [head, f"Accuracy **{float(tags['accuracy']):.2%}** · ε {privacy}"
+    generative = tags.get("objective") == "causal-lm"
+    score = f"Score ({SCORES.get(tags.get('score_metric'), 'accuracy')})" if generative else "Accuracy"
+    lines = [head, f"{score} **{float(tags['accuracy']):.2%}** · ε {privacy}"
                    + (f" · DP noise: {tags['dp_noise']}" if tags.get("dp_noise") else "")]
+    if generative:
+        lines.append(generation_figures(tags))
     names = {"delta": "δ", "sigma": "σ", "q": "q", "steps": "steps"}
     figures = [f"{names[k]} {tags[k]}" for k in names if tags.get(k) not in (None, "")]
     if figures:
@@ -125,3 +133,14 @@ def version_description(tags: dict) -> str:
         lines.append(f"Forgetting {float(tags['forgetting']):.4f} · BWT {float(tags.get('bwt') or 0):.4f}")
     lines.append(f"Job {tags.get('job_id', '-')} · data scope `{tags.get('data_scope', '-')}`")
     return "\n\n".join(lines)
+
+
+def generation_figures(tags: dict) -> str:
+    """A causal-lm version's perplexity, exact match and ROUGE-L, and what its `accuracy` is."""
+    figures = [f"{name} {fmt.format(float(tags[key]))}" for key, name, fmt in
+               (("perplexity", "perplexity", "{:.3f}"), ("exact_match", "exact match", "{:.2%}"),
+                ("rouge_l", "ROUGE-L", "{:.4f}")) if tags.get(key) not in (None, "")]
+    return (f"Generative adapter (causal-lm): {' · '.join(figures) or 'no generation figures'}. Its "
+            "`accuracy` tag, which the promotion gate compares with the champion's, is the task's score: "
+            "exact match for short label-like answers, ROUGE-L for free-text answers "
+            f"(here: {SCORES.get(tags.get('score_metric'), 'unknown')}). Answers: `fedseek generate`.")

@@ -16,6 +16,9 @@ def model_name(task: str) -> str:
     return f"fedseek-{task}"
 
 
+GENERATION_TAGS = {"perplexity": "final_perplexity", "exact_match": "final_exact_match", "rouge_l": "final_rouge_l"}
+
+
 def version_tags(report: dict, job_id: int, scope: str) -> dict:
     """The tags a registered adapter version carries: accuracy, privacy figures, recipe, lineage."""
     tags = {"accuracy": report["final_accuracy"], "job_id": job_id,
@@ -26,6 +29,11 @@ def version_tags(report: dict, job_id: int, scope: str) -> dict:
             "dp_noise": report.get("dp_noise")}
     cl = report.get("cl") or {}  # `cl_summary`: forgetting and BWT are None for a joint arm (one row)
     tags["forgetting"], tags["bwt"] = cl.get("forgetting"), cl.get("bwt")
+    # what `accuracy` measures (classify: accuracy; causal-lm: exact match or ROUGE-L) and the
+    # causal-lm figures beside it; `fedseek generate` refuses a version whose objective is classify
+    tags["objective"], tags["score_metric"] = report.get("objective"), report.get("score_metric")
+    for tag, key in GENERATION_TAGS.items():
+        tags[tag] = report.get(key)
     return {k: v for k, v in tags.items() if v is not None}
 
 
@@ -65,12 +73,23 @@ def gate(candidate: dict, champion: dict | None, over_budget: list[str], limits:
         return False, f"forgetting {float(candidate['forgetting']):.4f} > limit {limits.max_forgetting:g}"
     if "bwt" in candidate and float(candidate["bwt"]) < limits.min_bwt:
         return False, f"BWT {float(candidate['bwt']):.4f} < limit {limits.min_bwt:g}"
+    metric = candidate.get("score_metric") or "accuracy"  # causal-lm: accuracy is exact_match or rouge_l
     if champion is None:
-        return True, f"first version (accuracy {accuracy:.4f}); no champion yet"
+        return True, f"first version ({_score(metric)} {accuracy:.4f}); no champion yet"
     best = float(champion["accuracy"])
+    if (champion.get("score_metric") or metric) != metric:  # the champion's accuracy measured another score
+        if metric not in candidate or metric not in champion:
+            return False, (f"{_score(metric)} is not comparable with the champion's accuracy "
+                           f"({_score(champion['score_metric'])})")
+        accuracy, best = float(candidate[metric]), float(champion[metric])
     if accuracy < best:
-        return False, f"accuracy {accuracy:.4f} < champion's {best:.4f}"
-    return True, f"accuracy {accuracy:.4f} >= champion's {best:.4f}"
+        return False, f"{_score(metric)} {accuracy:.4f} < champion's {best:.4f}"
+    return True, f"{_score(metric)} {accuracy:.4f} >= champion's {best:.4f}"
+
+
+def _score(metric: str) -> str:
+    """How a gate reason names the compared score: `accuracy`, or the causal-lm score it stands for."""
+    return {"exact_match": "exact match", "rouge_l": "ROUGE-L"}.get(metric, "accuracy")
 
 
 def _over_budget(db_url: str, institutions) -> list[str]:
@@ -131,8 +150,12 @@ def task_models(client) -> list[str]:
 
 def download(client, name: str, alias: str, destination: str) -> str:
     """Download the adapter directory of `name@alias`; returns its local path."""
+    return download_version(client, client.get_model_version_by_alias(name, alias), destination)
+
+
+def download_version(client, version, destination: str) -> str:
+    """Download the adapter directory of a `ModelVersion` (its source); returns its local path."""
     import mlflow
 
-    version = client.get_model_version_by_alias(name, alias)
     return mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=destination,
                                                tracking_uri=client._tracking_client.tracking_uri)
