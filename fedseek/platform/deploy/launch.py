@@ -1,6 +1,7 @@
 """Flower 1.41's SuperNode and SuperExec as the deployment runs them: Flower's own entry points
-and arguments, with the fixed polls shortened while busy (`prompt`) and the SuperExec's task
-processes started ahead of their message (`warm`).
+and arguments, with the fixed polls shortened while busy (`prompt`), the SuperExec's task
+processes started ahead of their message (`warm`), one ClientApp process for all messages
+(`serve`) and timestamps on Flower's log lines.
 
     python -m fedseek.platform.deploy.launch flower-supernode <flower-supernode arguments>
     python -m fedseek.platform.deploy.launch flower-superexec <flower-superexec arguments>
@@ -18,8 +19,12 @@ def main(argv: list[str]) -> None:
     if not argv or argv[0] not in COMMANDS:
         sys.exit(f"usage: python -m fedseek.platform.deploy.launch {{{','.join(COMMANDS)}}} ARGUMENTS")
     command, args = argv[0], argv[1:]
-    from fedseek.platform.deploy import warm
+    from flwr.supercore.logger import update_console_handler
 
+    from fedseek.platform.deploy import prompt, warm
+
+    update_console_handler(timestamps=True)  # Flower's log lines with their time (stages of a round)
+    prompt.prompt_pulls()
     if command == "task":
         warm.run_task(args[0])
         return
@@ -29,8 +34,6 @@ def main(argv: list[str]) -> None:
         warm.preload("flwr-clientapp")
         serve_clientapps()
         return
-    from fedseek.platform.deploy import prompt
-
     if command == "flower-supernode":
         prompt.prompt_supernode()
     else:

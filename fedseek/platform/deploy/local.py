@@ -23,14 +23,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def write_demo_sites(root: Path, names: tuple[str, ...], rows: int, task: str = "banking77") -> dict[str, Path]:
+def write_demo_sites(root: Path, names: tuple[str, ...], rows: int, task: str = "banking77",
+                     as_job: bool = False) -> dict[str, Path]:
     """One CSV per institution (`text,label`) from the task's shipped partition (IID, seed 0),
-    at most `rows` records each: what an institution's `--data` file looks like."""
+    at most `rows` records each: what an institution's `--data` file looks like. `as_job`: the
+    records a job with `data.max_train_rows = rows × institutions` gives each institution (an
+    untracked job's census checks the counts against the coordinator's own split)."""
     import csv
 
     from fedseek.data.tasks import load_federated_data
 
-    data = load_federated_data(task, institutions=len(names), seed=0)
+    data = load_federated_data(task, institutions=len(names), seed=0,
+                               max_train_rows=rows * len(names) if as_job else None)
     files = {}
     for name, part in zip(names, data.train):
         files[name] = Path(root) / f"{name}.csv"

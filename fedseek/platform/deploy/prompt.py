@@ -5,12 +5,16 @@ SuperLink for a message every 3 s and looks for its ClientApp's reply every 0.5 
 (`flwr.supernode.start_client_internal`), the SuperExec asks its Runtime API for a task every 1 s
 (`flwr.supercore.superexec.run_superexec`; `FLWR_SUPEREXEC_TASK_POLL_INTERVAL` sets it, for idle
 and busy alike) and a ServerApp's `Grid.send_and_receive` pulls replies every 3 s
-(`flwr.superlink.grid.http_grid`). In a round each message waits for up to all four.
+(`flwr.superlink.grid.http_grid`). In a round each message waits for up to all four. And an
+object of a message that is not yet there when a component pulls it (a SuperNode sees a message
+as soon as the ServerApp has sent it, before its arrays are uploaded) is asked for again after
+1 s, then 2 s, 4 s... (`flwr.supercore.inflatable.inflatable_utils.pull_objects`).
 
 `PromptClock` stands in for the `time` module inside one of those modules: a sleep there lasts
 at most `FEDSEEK_POLL_INTERVAL` seconds (default 0.1) while the component handled a message in
 the last `FEDSEEK_POLL_WINDOW` seconds (default 120), and Flower's own length otherwise; so an
-idle SuperNode still polls the SuperLink every 3 s. Nothing else in those modules changes: the
+idle SuperNode still polls the SuperLink every 3 s. `prompt_pulls` starts the object retries at
+that interval (doubling up to Flower's cap as before). Nothing else in those modules changes: the
 same requests, with the same TLS, node authentication and SuperExec authentication, only sooner.
 """
 from __future__ import annotations
@@ -97,3 +101,12 @@ def prompt_grid() -> PromptClock:
     clock = PromptClock(poll_interval())
     http_grid.time = clock
     return clock
+
+
+def prompt_pulls() -> None:
+    """Retry a not-yet-uploaded object after `FEDSEEK_POLL_INTERVAL` (then doubling, Flower's cap)
+    instead of after 1 s: the default of Flower's object pulls in this process."""
+    from flwr.supercore.inflatable import inflatable_utils
+
+    for function in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
+        function.__kwdefaults__ = {**(function.__kwdefaults__ or {}), "initial_backoff": poll_interval()}

@@ -83,6 +83,7 @@ def run_one(args: list[str], loaded: LoadedApp) -> None:
     try:
         heartbeat.start()
         message, context, run, fab = pull_task_input(client)
+        log(INFO, "[fedseek-clientapp] %s message pulled", message.metadata.message_type)
         reply = loaded.get(run, fab)(message=message, context=context)
         sub_status, details = SubStatus.COMPLETED, ""
     except Exception as ex:  # pylint: disable=broad-exception-caught
@@ -98,6 +99,7 @@ def run_one(args: list[str], loaded: LoadedApp) -> None:
         try:
             if reply and context:
                 push_message(client, reply, context)
+                log(INFO, "[fedseek-clientapp] reply pushed")
         except Exception as ex:  # pylint: disable=broad-exception-caught
             log(ERROR, "Failed to push reply message", exc_info=ex)
         retry_invoker.max_tries = 1
@@ -105,7 +107,7 @@ def run_one(args: list[str], loaded: LoadedApp) -> None:
         if heartbeat.is_running:
             heartbeat.stop()
         client.close()
-    log(INFO, "[fedseek-clientapp] task done (%s)", sub_status)
+    log(INFO, "[fedseek-clientapp] task done (%s)", sub_status)  # context and status pushed
 
 
 def serve_clientapps() -> None:

@@ -46,8 +46,9 @@ def task_arguments(spec: ExecutionSpec) -> list[str]:
 class WarmExecutor(SubprocessExecutor):
     """Flower's subprocess executor with the next process of each task kind started ahead, and
     one long-lived process for all ClientApp tasks (`serve`: a SuperNode hands out one message
-    at a time, so they run one after the other). `on_launch` is called at every launch (the
-    SuperExec polls fast after one)."""
+    at a time, so they run one after the other). `on_launch` is called at every ClientApp launch
+    (the SuperExec then polls fast: a job's next message follows; a ServerApp launch is a job's
+    start, after which the next task is not soon)."""
 
     def __init__(self, on_launch: Callable[[], None] = lambda: None):
         self.on_launch = on_launch
@@ -75,9 +76,9 @@ class WarmExecutor(SubprocessExecutor):
         return True
 
     def launch(self, spec: ExecutionSpec) -> LaunchResult:
-        self.on_launch()
         key, args = (spec.task_type, spec.suppress_output), task_arguments(spec)
         if spec.task_type == TaskType.CLIENT_APP:
+            self.on_launch()
             server = self.servers.get(spec.suppress_output)
             if server is None or not self.hand_over(server, args, last=False):
                 self.servers[spec.suppress_output] = server = self.start(*key, serve=True)
