@@ -31,13 +31,13 @@ from fedseek.models.lora import load_trainable_state, trainable_state
 
 def job_for(args, seed: int, dp: bool) -> JobConfig:
     job = JobConfig()
-    job.data.task, job.data.max_test_rows = args.task, args.test_rows
+    job.data.task, job.data.max_test_rows, job.data.max_train_rows = args.task, args.test_rows, args.train_rows
     job.federation.rounds, job.federation.seed = args.rounds, seed
     job.lora.seed, job.lora.top_layers, job.lora.rank, job.lora.alpha = seed, args.lora_layers, args.rank, 2.0 * args.rank
-    job.optim.learning_rate, job.optim.local_steps = args.lr, args.local_steps
+    job.optim.learning_rate, job.optim.local_steps = args.learning_rate or 0.0, args.local_steps or 0
     job.optim.batch_fraction, job.privacy.clip_norm = args.batch_fraction, args.clip
     job.privacy.enabled = dp
-    apply_generative_rule(job)
+    apply_generative_rule(job, {k for k in ("learning_rate", "local_steps") if getattr(args, k) is not None})
     return job
 
 
@@ -68,7 +68,7 @@ def run(args, seed: int, dp: bool) -> dict:
         for i, site in enumerate(sites):
             load_trainable_state(trainer.classifier.model, {k: torch.from_numpy(v) for k, v in state.items()})
             tick = time.perf_counter()
-            result = trainer.train_round(site, job.privacy, job.optim, rnd, args.rounds, histories[i],
+            result = trainer.train_round(site, job.privacy, job.optim, rnd, job.federation.rounds, histories[i],
                                          seed * 7919 + i)
             step_seconds.append((time.perf_counter() - tick) / job.optim.local_steps)
             histories[i] = result.history
@@ -87,9 +87,10 @@ def main() -> None:
     p.add_argument("--task", default="banking77-gen")
     p.add_argument("--seeds", default="0")
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--local-steps", type=int, default=12)
+    p.add_argument("--local-steps", type=int, default=None, help="default: the generative rule's")
     p.add_argument("--batch-fraction", type=float, default=0.125)
-    p.add_argument("--lr", type=float, default=2e-2)
+    p.add_argument("--learning-rate", "--lr", type=float, default=None, help="default: the generative rule's")
+    p.add_argument("--train-rows", type=int, default=0, help="a seeded subset of the training rows (0 = all)")
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--lora-layers", type=int, default=1)

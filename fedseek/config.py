@@ -140,8 +140,8 @@ class OptimSettings:
                            "lora: {default}).", rule=True, min=1)  # logical (noised) steps
     batch_fraction: float = opt(0.125, "Poisson sampling rate q, expected batch q*N (default: the rule; "
                                 "lora: {default}).", rule=True, min=1e-4, max=1.0)  # large: less noise per signal
-    # high for DP: noisy Adam steps need it (BENCHMARKS.md sweep)
-    learning_rate: float = opt(2e-2, "Peak Adam learning rate of LoRA rounds (warmup, then cosine).", min=0.0)
+    learning_rate: float = opt(2e-2, "Peak Adam learning rate of LoRA rounds (warmup, then cosine; default: "
+                               "the rule's, lora: {default}).", rule=True, min=0.0)
     warmup_fraction: float = 0.05
     schedule: str = "cosine"  # cosine | constant (both after linear warmup)
     chunk_size: int = 256  # physical batch: bounds memory, not the math

@@ -123,16 +123,22 @@ def apply_rule(job, records: list[int], given: set[str] = frozenset()) -> None:
 
 # causal-lm: (tokens per record, response tokens) of the shipped generative tasks; user files get the last
 GENERATIVE_LENGTHS = {"banking77-gen": (64, 16), "pubmedqa-gen": (320, 64), "": (256, 64)}
+# causal-lm LoRA rounds: Adam 5e-3 and 24 noised steps per round (validation, BENCHMARKS.md "Generative DP-LoRA":
+# 2e-2 diverged in the first round without DP and rose after round 1 with DP)
+GENERATIVE_LR, GENERATIVE_STEPS = 5e-3, 24
 
 
 def apply_generative_rule(job, given: set[str] = frozenset()) -> None:
-    """A causal-lm job trains LoRA (the `lora` recipe) and reads its task's lengths: the shipped
-    banking77-gen's messages and intent names are short, PubMedQA's abstracts and answers long."""
+    """A causal-lm job trains LoRA (the `lora` recipe) at the generative learning rate and steps,
+    and reads its task's lengths: banking77-gen's messages and intent names are short, PubMedQA's
+    abstracts and answers long. A field in `given` (the user set it) is kept."""
     if not job.data.causal_lm:
         return
     job.recipe.name = "lora"
     shipped = not (job.data.data or job.data.data_dir)
     length, response = GENERATIVE_LENGTHS[job.data.task if shipped and job.data.task in GENERATIVE_LENGTHS else ""]
-    for name, value in (("max_length", length), ("response_tokens", response)):
+    for settings, name, value in ((job.data, "max_length", length), (job.data, "response_tokens", response),
+                                  (job.optim, "learning_rate", GENERATIVE_LR),
+                                  (job.optim, "local_steps", GENERATIVE_STEPS)):
         if name not in given:
-            setattr(job.data, name, value)
+            setattr(settings, name, value)
