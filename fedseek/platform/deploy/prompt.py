@@ -11,7 +11,7 @@ as soon as the ServerApp has sent it, before its arrays are uploaded) is asked f
 1 s, then 2 s, 4 s... (`flwr.supercore.inflatable.inflatable_utils.pull_objects`).
 
 `PromptClock` stands in for the `time` module inside one of those modules: a sleep there lasts
-at most `FEDSEEK_POLL_INTERVAL` seconds (default 0.1) while the component handled a message in
+at most `FEDSEEK_POLL_INTERVAL` seconds (default 0.2) while the component handled a message in
 the last `FEDSEEK_POLL_WINDOW` seconds (default 120), and Flower's own length otherwise; so an
 idle SuperNode still polls the SuperLink every 3 s. `prompt_pulls` starts the object retries at
 that interval (doubling up to Flower's cap as before). Nothing else in those modules changes: the
@@ -28,7 +28,7 @@ POLL_WINDOW = "FEDSEEK_POLL_WINDOW"
 
 def poll_interval() -> float:
     """Seconds between polls while busy (`FEDSEEK_POLL_INTERVAL`, 0.01..3)."""
-    value = float(os.environ.get(POLL_INTERVAL) or 0.1)
+    value = float(os.environ.get(POLL_INTERVAL) or 0.2)
     if not 0.01 <= value <= 3:
         raise ValueError(f"{POLL_INTERVAL}={value}: give 0.01..3 seconds")
     return value
