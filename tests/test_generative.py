@@ -188,3 +188,30 @@ def test_lora_on_routed_experts_is_refused_under_dp_and_trains_without():
     trainer.train_round(data, PrivacySettings(enabled=False), optim, 1, 1, [], seed=0)
     changed = [n for n, p in trainer.named_params.items() if not torch.equal(p.detach(), before[n])]
     assert any("experts" in n for n in changed)
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v2", "deepseek_v3", "qwen2", "llama"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_local_checkpoints_train_under_dp_and_generate(tiny_checkpoints, arch, dtype):
+    """The same code on DeepSeek-V2/V3 and R1-Distill-shaped (Qwen2, Llama) checkpoints saved to disk,
+    in fp32 and bf16: a DP round moves the adapter, its clipped noisy update is finite, and it
+    generates; a chat template, when the checkpoint has one, formats the prompt."""
+    from fedseek.config import OptimSettings, PrivacySettings
+
+    model = AdapterGenerator(tiny_checkpoints[arch], LoraSettings(rank=2, extra_trainable=[]), 48, dtype=dtype,
+                             max_new_tokens=8)
+    frozen = [p.dtype for p in model.model.parameters() if not p.requires_grad]
+    assert set(frozen) == {torch.bfloat16 if dtype == "bf16" else torch.float32}  # PEFT keeps LoRA weights fp32
+    trainer = LocalTrainer(model)
+    trainer.check_dp()
+    data = model.encode(["my card has not arrived yet"] * 4 + ["the tumour was removed"] * 4,
+                        ["card arrival"] * 4 + ["surgery"] * 4)
+    before = {n: p.detach().clone() for n, p in trainer.named_params.items()}
+    result = trainer.train_round(data, PrivacySettings(target_epsilon=8.0), OptimSettings(local_steps=2,
+                                 batch_fraction=0.5, learning_rate=1e-2), 1, 1, [], seed=0)
+    assert result.epsilon <= 8.0 + 1e-6 and result.noise_multiplier > 0
+    assert all(torch.isfinite(p).all() for p in trainer.params)
+    assert any(not torch.equal(p.detach(), before[n]) for n, p in trainer.named_params.items())
+    assert all(isinstance(a, str) for a in model.generate(["my card has not arrived yet"]))
+    model.tokenizer.chat_template = "{% for m in messages %}<user>{{ m['content'] }}</user>{% endfor %}<bot>"
+    assert model.format_prompt("hello") == "<user>hello</user><bot>"
