@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from logging import ERROR, INFO
 
@@ -107,7 +108,7 @@ def run_one(args: list[str], loaded: LoadedApp) -> None:
         if heartbeat.is_running:
             heartbeat.stop()
         client.close()
-    log(INFO, "[fedseek-clientapp] task done (%s)", sub_status)  # context and status pushed
+    log(INFO, "[fedseek-clientapp] task done (%s) in process %d", sub_status, os.getpid())  # context, status pushed
 
 
 def serve_clientapps() -> None:
