@@ -24,9 +24,11 @@ class RichReporter(SilentReporter):
         self.progress: Progress | None = None
         self.task_id = None
         self.sites: list[str] = []
+        self.generative = False  # causal-lm: a perplexity column, `accuracy` is the task's score
 
     def start(self, job, data, initial) -> None:
         self.sites = list(data.institutions)
+        self.generative = "perplexity" in initial
         dp = (f"DP on: target epsilon {job.privacy.target_epsilon:g} per institution, clip "
               f"{job.privacy.clip_norm:g}" if job.privacy.enabled else "DP off (--no-dp)")
         sizes = ", ".join(f"{n} {len(t)}" for n, t in zip(data.institutions, data.train))
@@ -36,7 +38,8 @@ class RichReporter(SilentReporter):
                            f"records {sizes}; global test {len(data.test)}")
         self.console.print(f"{dp}; LoRA rank {job.lora.rank}{' (FFA)' if job.lora.ffa else ''}; "
                            f"{job.federation.rounds} rounds x {job.optim.local_steps} local steps; "
-                           f"initial accuracy {initial['accuracy']:.1%}")
+                           f"initial {'score' if self.generative else 'accuracy'} {initial['accuracy']:.1%}"
+                           + (f", perplexity {initial['perplexity']:.1f}" if self.generative else ""))
         self._header()
         self.progress = Progress(TextColumn("rounds"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                                  TimeElapsedColumn(), console=self.console, transient=True)
@@ -44,13 +47,19 @@ class RichReporter(SilentReporter):
         self.progress.start()
 
     def _header(self) -> None:
-        sites = "".join(f"{'eps ' + s:>12}" for s in self.sites)
-        self.console.print(f"[bold]{'round':>5}{'accuracy':>10}{'loss':>8}{sites}{'bytes up':>11}{'time':>7}[/]")
+        sites = "".join(f"{'eps ' + s:>{self._width(s)}}" for s in self.sites)
+        score = f"{'score':>10}{'ppl':>9}" if self.generative else f"{'accuracy':>10}"
+        self.console.print(f"[bold]{'round':>5}{score}{'loss':>8}{sites}{'bytes up':>11}{'time':>7}[/]")
+
+    @staticmethod
+    def _width(site: str) -> int:
+        return max(12, len(site) + 6)
 
     def round(self, row: dict) -> None:
-        eps = "".join(f"{'-' if row['epsilon'].get(s) is None else format(row['epsilon'][s], '.2f'):>12}"
+        eps = "".join(f"{'-' if row['epsilon'].get(s) is None else format(row['epsilon'][s], '.2f'):>{self._width(s)}}"
                       for s in self.sites)
-        self.console.print(f"{row['round']:>5}{row['accuracy']:>10.2%}{row['loss']:>8.3f}{eps}"
+        ppl = f"{row['perplexity']:>9.2f}" if self.generative else ""
+        self.console.print(f"{row['round']:>5}{row['accuracy']:>10.2%}{ppl}{row['loss']:>8.3f}{eps}"
                            f"{_bytes(row['bytes_up']):>11}{row['elapsed_s']:>6.0f}s", highlight=False)
         if self.progress is not None:
             self.progress.advance(self.task_id)
@@ -61,8 +70,12 @@ class RichReporter(SilentReporter):
         eps = report.get("epsilon")
         spent = (", ".join(f"{k} {v:.2f}" for k, v in eps.items()) + f" at delta {report['delta']:.1e}"
                  if eps else "none (DP off)")
-        self.console.print(f"[bold green]done[/] final accuracy {report['final_accuracy']:.2%} "
+        score = "accuracy" if not self.generative else f"score ({report.get('score_metric')})"
+        self.console.print(f"[bold green]done[/] final {score} {report['final_accuracy']:.2%} "
                            f"(initial {report['initial_accuracy']:.2%}); epsilon spent: {spent}")
+        if self.generative:
+            self.console.print(f"perplexity {report['initial_perplexity']:.1f} -> {report['final_perplexity']:.1f}, "
+                               f"exact match {report['final_exact_match']:.2%}, ROUGE-L {report['final_rouge_l']:.3f}")
         self.console.print(f"adapter: {report['adapter_dir']} ({_bytes(report['adapter_bytes'])}); "
                            f"report: {report['adapter_dir'].rsplit('/', 1)[0]}/report.json")
 
