@@ -59,7 +59,7 @@ def run(args, seed: int, dp: bool) -> dict:
     if args.validation and args.test_rows:
         scored = scored.subset(np.sort(np.random.default_rng(seed).permutation(len(scored))[:args.test_rows]))
     test = encode_rows(server, scored)
-    rows = [{"round": 0, **server.evaluate(test)}]
+    rows = [{"round": 0, **server.evaluate(test, generate=args.base_only or args.generate_every_round)}]
     print(rows[-1], flush=True)
     state = {k: v.numpy() for k, v in trainable_state(server.model).items()}
     histories, step_seconds, started = [[] for _ in sites], [], time.time()
@@ -75,7 +75,8 @@ def run(args, seed: int, dp: bool) -> dict:
             average.add({k: v.numpy() for k, v in trainable_state(trainer.classifier.model).items()}, len(site))
         state = average.result()
         load_trainable_state(server.model, {k: torch.from_numpy(v) for k, v in state.items()})
-        rows.append({"round": rnd, **server.evaluate(test), "epsilon": result.epsilon if dp else None})
+        generate = args.generate_every_round or rnd == args.rounds  # greedy generation is the slow part
+        rows.append({"round": rnd, **server.evaluate(test, generate=generate), "epsilon": result.epsilon if dp else None})
         print(rows[-1], flush=True)
     return {"seed": seed, "dp": dp, "rounds": rows, "samples": server.evaluation_samples(test, 5),
             "seconds_per_step": float(np.mean(step_seconds)) if step_seconds else None,
@@ -99,6 +100,8 @@ def main() -> None:
     p.add_argument("--both", action="store_true", help="DP and non-DP arms, side by side")
     p.add_argument("--base-only", action="store_true")
     p.add_argument("--validation", action="store_true")
+    p.add_argument("--generate-every-round", action="store_true", help="default: perplexity every round, "
+                   "generation (exact match, ROUGE-L) at the base and after the last round")
     p.add_argument("--name", default="generative")
     args = p.parse_args()
     arms = [True, False] if args.both else [not args.no_dp and not args.base_only]
