@@ -29,6 +29,12 @@ def test_a_prompt_clock_caps_sleeps_only_while_busy(monkeypatch):
     always.sleep(3)
     assert slept == [3, 0.2, 0.05, 0.2]
     assert clock.monotonic() > 0 and clock.time() > 0  # everything else is the time module
+    in_flight = [True, True, False]  # a ClientApp task in flight: no poll until it is done
+    held = prompt.PromptClock(0.2, window=60, held=lambda: in_flight.pop(0))
+    held.mark_active()
+    slept.clear()
+    held.sleep(1)
+    assert slept == [0.2, 0.2, 0.2] and not in_flight
 
 
 def test_the_poll_interval_is_checked(monkeypatch):

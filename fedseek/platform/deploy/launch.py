@@ -44,7 +44,9 @@ def main(argv: list[str]) -> None:
 
         def get_executor(executor_type, *a, **kw):
             if executor_type == ExecutorType.SUBPROCESS:
-                return warm.WarmExecutor(on_launch=clock.mark_active)
+                executor = warm.WarmExecutor(on_launch=clock.mark_active)
+                clock.held = executor.task_in_flight  # no task poll while the ClientApp works on one
+                return executor
             return flower_executor(executor_type, *a, **kw)
 
         run_superexec.get_executor = get_executor

@@ -46,10 +46,11 @@ def poll_window() -> float:
 
 class PromptClock:
     """The `time` module for one Flower module, with sleeps capped at `fast` seconds while the
-    component was active in the last `window` seconds (`window=None`: always)."""
+    component was active in the last `window` seconds (`window=None`: always). `held`: while it
+    says yes, a sleep goes on (in `fast` steps): nothing can arrive that a poll would fetch."""
 
-    def __init__(self, fast: float, window: float | None = None):
-        self.fast, self.window, self.last_active = fast, window, None
+    def __init__(self, fast: float, window: float | None = None, held=None):
+        self.fast, self.window, self.last_active, self.held = fast, window, None, held
 
     def mark_active(self) -> None:
         self.last_active = time.monotonic()
@@ -61,6 +62,8 @@ class PromptClock:
 
     def sleep(self, seconds: float) -> None:
         time.sleep(min(seconds, self.fast) if self.busy() else seconds)
+        while self.held is not None and self.held():
+            time.sleep(self.fast)
 
     def __getattr__(self, name: str):
         return getattr(time, name)
@@ -88,7 +91,8 @@ def prompt_supernode() -> PromptClock:
 
 
 def prompt_superexec() -> PromptClock:
-    """The SuperExec's task poll, fast for a window after each launch (the caller marks it)."""
+    """The SuperExec's task poll, fast for a window after each launch (the caller marks it and
+    may set `held`: a ClientApp task in flight)."""
     from flwr.supercore.superexec import run_superexec as loop
 
     clock = PromptClock(poll_interval(), poll_window())

@@ -6,7 +6,8 @@ FedSeek, joining the site's Ray cluster. `serve_clientapps` keeps one process pe
 SuperExec and runs each task the executor hands it (`WarmExecutor`) with Flower's own task
 steps: with the task's token it pulls the task input (message, context, run, FAB) from the
 SuperNode's Runtime API, runs the run's ClientApp, pushes the reply and the context back, with a
-task heartbeat meanwhile; a failure becomes the same error reply Flower sends. What it keeps
+task heartbeat meanwhile; a failure becomes the same error reply Flower sends. After each task it
+writes a byte to `FEDSEEK_SERVE_DONE_FD`: the SuperExec asks for no task while one is in flight. What it keeps
 between tasks: the Runtime API client settings, the run's ClientApp as loaded from its FAB
 (installed and hash-checked by Flower once per FAB; a task with another FAB drops the old app's
 modules and loads the new one) and whatever that app keeps in its module (FedSeek: the Ray
@@ -115,10 +116,12 @@ def serve_clientapps() -> None:
     """Run the tasks whose arguments arrive on stdin (one JSON list a line) until end of input."""
     from flwr.supercore import log
 
-    loaded = LoadedApp()
+    loaded, done = LoadedApp(), os.environ.get("FEDSEEK_SERVE_DONE_FD")
     for line in sys.stdin:
         if line.strip():
             try:
                 run_one(json.loads(line), loaded)
             except (Exception, SystemExit) as ex:  # pylint: disable=broad-exception-caught
                 log(ERROR, "[fedseek-clientapp] task failed before it started", exc_info=ex)
+            if done:
+                os.write(int(done), b".")  # the SuperExec may ask its SuperNode for the next task

@@ -15,6 +15,7 @@ A dead or missing warm process falls back to a fresh one (same command).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from importlib.metadata import entry_points
@@ -27,6 +28,7 @@ from flwr.supercore.superexec.executor.types import ExecutionSpec, LaunchResult
 # third-party modules a task of this kind imports anyway (the app's own modules never: FAB code)
 PRELOAD = {"flwr-clientapp": ("flwr.supernode.runtime.run_clientapp", "ray"), "flwr-serverapp": ("torch",)}
 APP_PACKAGE = "fedseek"
+DONE_FD = "FEDSEEK_SERVE_DONE_FD"  # the ClientApp process writes one byte here per finished task
 
 
 def task_arguments(spec: ExecutionSpec) -> list[str]:
@@ -48,19 +50,46 @@ class WarmExecutor(SubprocessExecutor):
     one long-lived process for all ClientApp tasks (`serve`: a SuperNode hands out one message
     at a time, so they run one after the other). `on_launch` is called at every ClientApp launch
     (the SuperExec then polls fast: a job's next message follows; a ServerApp launch is a job's
-    start, after which the next task is not soon)."""
+    start, after which the next task is not soon). `task_in_flight`: whether the ClientApp
+    process still works on a task (its SuperNode hands out no other message meanwhile, so the
+    SuperExec need not ask for one)."""
 
     def __init__(self, on_launch: Callable[[], None] = lambda: None):
         self.on_launch = on_launch
         self.ready: dict[tuple[TaskType, bool], subprocess.Popen] = {}  # waiting for a task
         self.running: dict[tuple[TaskType, bool], list[subprocess.Popen]] = {}  # handed a task
         self.servers: dict[bool, subprocess.Popen] = {}  # ClientApp tasks, by suppressed output
+        self.done: dict[bool, int] = {}  # read end of each ClientApp process's DONE_FD pipe
+        self.in_flight: dict[bool, int] = {}
+
+    def start_server(self, quiet: bool) -> subprocess.Popen:
+        if quiet in self.done:
+            os.close(self.done.pop(quiet))
+        read, write = os.pipe()
+        os.set_blocking(read, False)
+        output = subprocess.DEVNULL if quiet else None
+        proc = subprocess.Popen([sys.executable, "-m", "fedseek.platform.deploy.launch", "serve"],
+                                stdin=subprocess.PIPE, stdout=output, stderr=output, text=True,
+                                pass_fds=(write,), env={**os.environ, DONE_FD: str(write)})
+        os.close(write)
+        self.servers[quiet], self.done[quiet], self.in_flight[quiet] = proc, read, 0
+        return proc
+
+    def task_in_flight(self) -> bool:
+        for quiet, proc in self.servers.items():
+            try:
+                self.in_flight[quiet] -= len(os.read(self.done[quiet], 4096))
+            except BlockingIOError:
+                pass
+            if proc.poll() is not None:
+                self.in_flight[quiet] = 0
+        return any(n > 0 for n in self.in_flight.values())
 
     @staticmethod
-    def start(task_type: TaskType, quiet: bool, serve: bool = False) -> subprocess.Popen:
+    def start(task_type: TaskType, quiet: bool) -> subprocess.Popen:
         output = subprocess.DEVNULL if quiet else None
-        mode = ["serve"] if serve else ["task", TASK_TYPE_TO_COMMAND[task_type]]
-        return subprocess.Popen([sys.executable, "-m", "fedseek.platform.deploy.launch", *mode],
+        return subprocess.Popen([sys.executable, "-m", "fedseek.platform.deploy.launch", "task",
+                                 TASK_TYPE_TO_COMMAND[task_type]],
                                 stdin=subprocess.PIPE, stdout=output, stderr=output, text=True)
 
     @staticmethod
@@ -81,9 +110,10 @@ class WarmExecutor(SubprocessExecutor):
             self.on_launch()
             server = self.servers.get(spec.suppress_output)
             if server is None or not self.hand_over(server, args, last=False):
-                self.servers[spec.suppress_output] = server = self.start(*key, serve=True)
+                server = self.start_server(spec.suppress_output)
                 if not self.hand_over(server, args, last=False):
                     return LaunchResult.failed("the ClientApp process exited before its task")
+            self.in_flight[spec.suppress_output] += 1
             return LaunchResult.accepted()
         proc = self.ready.pop(key, None)
         if proc is None or not self.hand_over(proc, args):
@@ -115,8 +145,11 @@ class WarmExecutor(SubprocessExecutor):
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        for read in self.done.values():
+            os.close(read)
         self.ready.clear()
         self.servers.clear()
+        self.done.clear()
 
 
 def console_entry(command: str) -> Callable[[], None]:
