@@ -52,7 +52,7 @@ def left_pad(items: list[torch.Tensor], pad_id: int, device) -> tuple[torch.Tens
 
 
 @contextmanager
-def _only_layers_from(decoder: nn.Module, first: int):
+def only_layers_from(decoder: nn.Module, first: int):
     layers = decoder.layers
     decoder.layers = nn.ModuleList(list(layers)[first:])
     try:
@@ -194,7 +194,7 @@ class AdapterClassifier:
         if not self.first_adapted:
             logits = pooled_logits(self.model, input_ids=padded, attention_mask=mask)
         else:
-            with _only_layers_from(self.decoder, self.first_adapted):
+            with only_layers_from(self.decoder, self.first_adapted):
                 logits = pooled_logits(self.model, inputs_embeds=padded, attention_mask=mask)
         if data.label_mask is not None:  # inactive labels can be neither predicted nor trained
             logits = logits.masked_fill(~data.label_mask.to(logits.device), -1e4)
@@ -203,7 +203,7 @@ class AdapterClassifier:
     def _live_features(self, data: EncodedTexts, index, padded, mask) -> torch.Tensor:
         if not self.first_adapted:
             return pool(self.decoder(input_ids=padded, attention_mask=mask, output_hidden_states=True).hidden_states, mask)
-        with _only_layers_from(self.decoder, self.first_adapted):
+        with only_layers_from(self.decoder, self.first_adapted):
             hidden = self.decoder(inputs_embeds=padded, attention_mask=mask, output_hidden_states=True).hidden_states
         prefix = data.prefix_pooled[torch.as_tensor(np.asarray(index))].to(padded.device)
         return torch.cat([prefix, pool(hidden[1:], mask)], dim=-1)  # hidden[0] is the prefix's output

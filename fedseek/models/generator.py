@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from fedseek.config import LoraSettings
-from fedseek.models.classifier import _only_layers_from, default_device, left_pad
+from fedseek.models.classifier import only_layers_from, default_device, left_pad
 from fedseek.models.features import decoder_of
 from fedseek.models.loading import load_causal_lm, load_tokenizer
 from fedseek.models.lora import apply_lora, first_adapted_layer
@@ -179,7 +179,7 @@ class AdapterGenerator:
         index = list(index)
         padded, mask = self._pad([data.inputs[i] for i in index])
         if self.first_adapted:
-            with _only_layers_from(self.decoder, self.first_adapted):
+            with only_layers_from(self.decoder, self.first_adapted):
                 hidden = self.decoder(inputs_embeds=padded, attention_mask=mask).last_hidden_state
         else:
             hidden = self.decoder(input_ids=padded, attention_mask=mask).last_hidden_state

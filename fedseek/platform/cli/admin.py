@@ -13,7 +13,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from fedseek.platform.cli.common import console, fail, session as _session, settings as _settings
+from fedseek.platform.cli.common import console, fail, mlflow_client, session as _session, settings as _settings
 
 db_app = typer.Typer(help="Platform database: migrations and the MLflow outbox.", no_args_is_help=True)
 institutions_app = typer.Typer(help="Institutions and their lifetime privacy budgets.", no_args_is_help=True)
@@ -25,15 +25,6 @@ class Kind(str, Enum):
     hospital = "hospital"
     bank = "bank"
     site = "site"
-
-
-def _client():
-    from fedseek.platform.mlflow.tracking import flush_all
-    from mlflow.tracking import MlflowClient
-
-    settings = _settings()
-    flush_all(settings.outbox_dir, settings.tracking_uri, settings.artifact_root)
-    return MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
 
 
 @db_app.command("upgrade")
@@ -196,7 +187,7 @@ def versions(task: str = typer.Option(None, help="Task whose registered adapter 
     from fedseek.platform.mlflow.registry import model_name, task_models, versions as list_versions
 
     try:
-        client = _client()
+        client = mlflow_client()
         names = [model_name(task)] if task else task_models(client)
         rows = [(name, r) for name in names for r in list_versions(client, name)]
     except MlflowException as err:
@@ -223,7 +214,7 @@ def promote(task: str = typer.Option(..., help="Task whose version to promote.")
 
     settings, name = _settings(), model_name(task)
     try:
-        client = _client()
+        client = mlflow_client()
         version = version or client.get_model_version_by_alias(name, "candidate").version
         ok, reason = run_gate(client, name, version, settings.database_url,
                               {"max_forgetting": settings.max_forgetting, "min_bwt": settings.min_bwt})

@@ -28,3 +28,14 @@ def session():
     from fedseek.platform.store.db import session_scope
 
     return session_scope(settings().database_url)
+
+
+def mlflow_client():
+    """An MLflow client on the platform's tracking/registry URI, after sending what the outbox holds."""
+    from mlflow.tracking import MlflowClient
+
+    from fedseek.platform.mlflow.tracking import flush_all
+
+    current = settings()
+    flush_all(current.outbox_dir, current.tracking_uri, current.artifact_root)
+    return MlflowClient(tracking_uri=current.tracking_uri, registry_uri=current.tracking_uri)

@@ -94,12 +94,12 @@ def find_version(task: str, alias: str | None, version: str | None):
     errors for an unknown task, a missing alias (no champion yet) or version."""
     from mlflow.exceptions import MlflowException
 
-    from fedseek.platform.cli.admin import _client
+    from fedseek.platform.cli.common import mlflow_client
     from fedseek.platform.mlflow.registry import model_name
 
     name = model_name(task)
     try:
-        client = _client()
+        client = mlflow_client()
     except MlflowException as err:
         fail(f"MLflow ({_settings().tracking_uri}): {str(err).splitlines()[0]}")
     try:
