@@ -141,9 +141,9 @@ def test_the_artifact_view_shows_a_rounds_samples_as_a_table(dashboard):
     rows = [r for r in driver.find_elements(By.CSS_SELECTOR, "[role=row]") if r.find_elements(By.CSS_SELECTOR,
                                                                                               "[role=cell]")]
     rows[longest].find_elements(By.CSS_SELECTOR, "[role=cell]")[1].click()
-    body = lambda d: d.find_element(By.TAG_NAME, "body").text  # noqa: E731
-    WebDriverWait(driver, 30).until(lambda d: "Preview" in body(d))
-    assert samples[longest]["prompt"] in body(driver)
+    pane = "//h5[normalize-space()='Preview']/../.."  # the preview pane beside the table
+    WebDriverWait(driver, 30).until(lambda d: samples[longest]["prompt"] in d.find_element(By.XPATH, pane).text)
+    assert not any(s["prompt"] in driver.find_element(By.XPATH, pane).text for s in samples if s != samples[longest])
     shot(dashboard, "dashboard-samples.png")
 
 
