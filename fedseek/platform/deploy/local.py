@@ -58,7 +58,10 @@ class LocalFederation:
         self.link_port, self.control_port, self.ray_port = free_port(), free_port(), free_port()
         self.fleet = f"127.0.0.1:{self.link_port}"  # the published port: Fleet API only (institutions)
         self.superlink = f"127.0.0.1:{self.control_port}"  # the operator's control listener (Control + Runtime)
+        # RAY_worker_niceness: Ray starts its workers at nice 15 by default, so a site's training
+        # yields the CPU to every other process of the machine; the site worker is the work here
         self.env = {**env, "FLWR_HOME": str(self.root / "flwr"), "RAY_ADDRESS": "",
+                    "RAY_worker_niceness": env.get("RAY_worker_niceness", "0"),
                     "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}"}
         self.processes: list[subprocess.Popen] = []
         self.named: dict[str, tuple[list[str], subprocess.Popen]] = {}  # name -> (command, process)
