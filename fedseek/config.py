@@ -144,7 +144,7 @@ class OptimSettings:
                                "the rule's, lora: {default}).", rule=True, min=0.0)
     warmup_fraction: float = 0.05
     schedule: str = "cosine"  # cosine | constant (both after linear warmup)
-    chunk_size: int = 256  # physical batch: bounds memory, not the math
+    chunk_size: int = opt(256, "Records per physical batch: bounds memory, not the math (DP: virtual steps).", min=1)
 
 
 @dataclass
