@@ -24,6 +24,21 @@ MODEL = "fedseek-banking77"
 ML = "workflowType=machine_learning"  # the UI's "Model training" sidebar (the browser remembers the choice)
 
 
+def chromium(window: str):
+    """A factory of headless Chromium drivers of `window` size ("W,H"); skips the test where Debian's
+    chromium + chromium-driver are missing."""
+    chromedriver = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+    if not (Path(chromedriver).exists() and (shutil.which("chromium") or shutil.which("chromium-browser"))):
+        pytest.skip("Debian chromium + chromium-driver not installed (scripts/setup.sh installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", f"--window-size={window}"):
+        options.add_argument(flag)
+    return lambda: webdriver.Chrome(service=Service(chromedriver), options=options)
+
+
 def fedseek(env: dict, *args: str) -> subprocess.CompletedProcess:
     done = subprocess.run([sys.executable, "-m", "fedseek", *args], capture_output=True, text=True, timeout=1200,
                           env=env)
@@ -33,12 +48,8 @@ def fedseek(env: dict, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def dashboard(tmp_path_factory):
-    chromedriver = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-    if not (Path(chromedriver).exists() and (shutil.which("chromium") or shutil.which("chromium-browser"))):
-        pytest.skip("Debian chromium + chromium-driver not installed (scripts/setup.sh installs them)")
+    new_driver = chromium("1500,1100")
     from mlflow.tracking import MlflowClient
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
 
     root, port = tmp_path_factory.mktemp("dashboard"), free_port()
     uri = f"http://127.0.0.1:{port}"
@@ -46,16 +57,13 @@ def dashboard(tmp_path_factory):
            "FEDSEEK_DB_URL": f"sqlite:///{root / 'platform.db'}", "FEDSEEK_DEFAULT_EPSILON_MAX": "20",
            "FEDSEEK_MLFLOW_URI": uri}
     server = start_mlflow_server(f"sqlite:///{root / 'mlflow.db'}", str(root / "artifacts"), port)
-    options = webdriver.ChromeOptions()
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1500,1100"):
-        options.add_argument(flag)
     driver = None
     try:
         fedseek(env, "institutions", "add", "bank_a", "--kind", "bank", "--epsilon-max", "12")
         for job in (1, 2):
             fedseek(env, "simulate", *TINY, "--seed", str(job), "--out", str(root / f"job{job}"))
         promoted = fedseek(env, "promote", "--task", "banking77", "--version", "1")
-        driver = webdriver.Chrome(service=Service(chromedriver), options=options)
+        driver = new_driver()
         driver.get(uri)  # an admin's browser that chose "Model training" and closed the assistant once
         driver.execute_script("localStorage.setItem('mlflow.workflowType_v1', '\"machine_learning\"');"
                               "localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');"

@@ -11,12 +11,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 from conftest import free_port, start_mlflow_server, stop
-from test_dashboard import ML, page, shot
+from test_dashboard import ML, chromium, page, shot
 
 ROUNDS = 3
 RUN_NAME = "banking77-gen · 2 institutions · ε 8 · job 1"
@@ -42,12 +41,8 @@ def round_rows(test) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def dashboard(tmp_path_factory):
-    chromedriver = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-    if not (Path(chromedriver).exists() and (shutil.which("chromium") or shutil.which("chromium-browser"))):
-        pytest.skip("Debian chromium + chromium-driver not installed (scripts/setup.sh installs them)")
+    new_driver = chromium("1700,1000")
     from mlflow.tracking import MlflowClient
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
 
     from fedseek.config import DataSettings, FederationSettings, JobConfig
     from fedseek.data.tasks import load_federated_data
@@ -74,10 +69,7 @@ def dashboard(tmp_path_factory):
         assert flush_all(root / "outbox", uri, None) == (1, 0)
         assert not list((root / "outbox").glob("*.rejected.json")), "MLflow refused an operation"
 
-        options = webdriver.ChromeOptions()
-        for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1700,1000"):
-            options.add_argument(flag)
-        driver = webdriver.Chrome(service=Service(chromedriver), options=options)
+        driver = new_driver()
         driver.get(uri)  # an admin's browser that chose "Model training" and closed the assistant once
         driver.execute_script("localStorage.setItem('mlflow.workflowType_v1', '\"machine_learning\"');"
                               "localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');"
