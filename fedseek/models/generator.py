@@ -38,6 +38,7 @@ class EncodedPairs:
     EOS, `prompt_lengths` how many of them are prompt; prompts/responses kept for generation."""
 
     inputs: list[torch.Tensor]
+    ids: list[torch.Tensor]  # the token ids of prompt + response + EOS (the targets)
     prompt_lengths: list[int]
     prompt_ids: list[list[int]]
     prompts: list[str]
@@ -151,7 +152,7 @@ class AdapterGenerator:
                 for row, i in enumerate(batch):
                     inputs[i] = hidden[row, -len(ids[i]):].clone()
             self.model.train(was_training)
-        return EncodedPairs(inputs, lengths, prompt_ids, list(prompts), list(responses), labels)
+        return EncodedPairs(inputs, ids, lengths, prompt_ids, list(prompts), list(responses), labels)
 
     def public_probe(self) -> EncodedPairs:
         """Two fixed public records (no institution data): the per-sample-gradient check's batch."""
@@ -183,7 +184,7 @@ class AdapterGenerator:
                 hidden = self.decoder(inputs_embeds=padded, attention_mask=mask).last_hidden_state
         else:
             hidden = self.decoder(input_ids=padded, attention_mask=mask).last_hidden_state
-        ids = self._pad([self._ids(data, i).to(self.device) for i in index])[0]
+        ids = self._pad([data.ids[i].to(self.device) for i in index])[0]
         width = ids.shape[1]
         rows, cols, targets = [], [], []
         for row, i in enumerate(index):
@@ -201,12 +202,6 @@ class AdapterGenerator:
 
     def _answer_ids(self, response: str) -> list[int]:
         return self.tokenizer(response, add_special_tokens=False)["input_ids"][: self.max_new_tokens - 1]
-
-    def _ids(self, data: EncodedPairs, i: int) -> torch.Tensor:
-        if data.inputs[i].dim() == 1:
-            return data.inputs[i]
-        answer = self._answer_ids(data.responses[i])
-        return torch.tensor(data.prompt_ids[i] + answer + [self.tokenizer.eos_token_id], dtype=torch.long)
 
     def loss(self, data: EncodedPairs, index) -> torch.Tensor:
         """Mean over the records of each record's mean response-token cross-entropy."""
