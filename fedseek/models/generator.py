@@ -94,7 +94,7 @@ class AdapterGenerator:
         base = base or (recorded if recorded and Path(recorded, "config.json").is_file() else None)
         self = cls.__new__(cls)
         self.tokenizer = load_tokenizer(base)
-        model = load_causal_lm(base, settings.get("dtype", "fp32"))
+        model = load_causal_lm(base)  # fp32: generation.json records no dtype
         self.first_adapted, self.device = 0, torch.device(device or default_device())
         self.model = PeftModel.from_pretrained(model, adapter_dir).to(self.device).eval()
         self.decoder = decoder_of(self.model)
@@ -130,7 +130,8 @@ class AdapterGenerator:
     def encode(self, prompts: list[str], responses: list[str], labels=None, chunk: int = 256,
                active_labels=None) -> EncodedPairs:
         """Tokenize every (prompt, response) record (the response capped at `max_new_tokens` - 1
-        tokens + EOS, the prompt cut to fit `max_length`) and, with a frozen prefix, run the frozen layers once per record."""
+        tokens + EOS, the prompt cut to fit `max_length`) and, with a frozen prefix, run the frozen
+        layers once per record."""
         eos = self.tokenizer.eos_token_id
         ids, prompt_ids, lengths = [], [], []
         for prompt, response in zip(prompts, responses):
