@@ -13,6 +13,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, Metric
 from fedseek.aggregator.robust import delta_norm
 from fedseek.aggregator.strategy import AdapterFedAvg
 from fedseek.config import CompressionSettings, RobustSettings
+from fedseek.wire.arrays import to_arrays
 from fedseek.wire.compression import compress, delta_between
 
 RNG = np.random.default_rng(0)
@@ -74,7 +75,7 @@ def test_bad_replies_are_rejected_and_logged_while_the_round_completes():
         reply(16, oversize, name="bank_oversize"), reply(17, honest(9), examples=0, name="bank_zero")]
     s = strategy()
     arrays, metrics = s.aggregate_train(1, replies)
-    merged = {k: v.numpy() for k, v in arrays.items()}
+    merged = to_arrays(arrays)
     for name in GLOBAL:
         np.testing.assert_allclose(merged[name], np.mean([u[name] for u in good], axis=0), rtol=1e-5, atol=1e-7)
     log = log_of(s)
@@ -116,7 +117,7 @@ def clean_mean(n: int = 4) -> dict:
 
 
 def error(arrays: ArrayRecord) -> float:
-    merged = {k: v.numpy() for k, v in arrays.items()}
+    merged = to_arrays(arrays)
     return delta_norm(merged, clean_mean()) / delta_norm(clean_mean(), GLOBAL)
 
 
@@ -132,7 +133,7 @@ def test_server_clip_bounds_a_scaled_update_and_logs_it():
     replies = [reply(i + 1, honest(i)) for i in range(4)] + [reply(5, poisoned(4, -100.0), name="bank_evil")]
     s = strategy(RobustSettings(clip_norm=0.5))
     arrays, _ = s.aggregate_train(1, replies)
-    merged = {k: v.numpy() for k, v in arrays.items()}
+    merged = to_arrays(arrays)
     log = log_of(s)
     assert log["bank_evil"]["clipped"] > 20 and "clipped" not in log["bank_1"]
     assert "rejected" not in log["bank_evil"]
@@ -157,7 +158,7 @@ def test_compressed_replies_are_validated_after_decoding():
     s = strategy(compression=settings)
     arrays, _ = s.aggregate_train(1, [reply(i + 1, p) for i, p in enumerate(payloads)] + [reply(9, bad, name="bank_nan")])
     assert "non-finite" in log_of(s)["bank_nan"]["rejected"]
-    assert np.all(np.isfinite(arrays["layer.lora_A.weight"].numpy()))
+    assert np.all(np.isfinite(to_arrays(arrays)["layer.lora_A.weight"]))
     assert error(arrays) < 0.3  # the three honest clients' decoded deltas vs the 4-client mean
 
 

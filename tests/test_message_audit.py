@@ -19,6 +19,7 @@ from fedseek.data.loader import read_labelled_file
 from fedseek.models.classifier import AdapterClassifier
 from fedseek.models.lora import trainable_state
 from fedseek.resources import resource_path
+from fedseek.wire.arrays import to_arrays
 
 LABELS = ["card_arrival", "card_linking", "exchange_rate", "lost_or_stolen_card", "pin_blocked"]
 ROWS = 57  # no adapter dimension is 57: an axis of that length would be per-example
@@ -111,7 +112,7 @@ def test_train_reply_holds_only_adapter_tensors_counts_and_privacy_figures(site,
     reply = client_app.app(deliver("train", adapter, job_config(codec)), context(path))
     assert not reply.has_error()
     audit_records(reply, TRAIN_METRICS, arrays=True)
-    audit_tensors({k: v.numpy() for k, v in reply.content["arrays"].items()}, adapter, compressed=codec != "none")
+    audit_tensors(to_arrays(reply.content["arrays"]), adapter, compressed=codec != "none")
     metrics = reply.content["metrics"]
     assert 40 <= metrics["num-examples"] < ROWS  # the training split: validation records stay home
     assert 0 < metrics["epsilon"] <= 8.0 + 1e-6 and metrics["noise-multiplier"] > 0
@@ -123,7 +124,7 @@ def test_fisher_and_validation_replies(site):
     ctx = context(path)
     fisher = client_app.app(deliver("train.fisher", adapter, job_config()), ctx)
     audit_records(fisher, FISHER_METRICS, arrays=True)
-    audit_tensors({k: v.numpy() for k, v in fisher.content["arrays"].items()}, adapter)
+    audit_tensors(to_arrays(fisher.content["arrays"]), adapter)
     audit_wire(fisher, texts, token_ids)
     validation = client_app.app(deliver("evaluate.validation", adapter, job_config()), ctx)
     # the site releases a noised `correct` (its default policy) with the noise it added, charged

@@ -25,6 +25,7 @@ from fedseek.aggregator.server_app import CensusError, census
 from fedseek.aggregator.strategy import AdapterFedAvg
 from fedseek.config import JobConfig, RobustSettings
 from fedseek.data.tasks import FederatedData
+from fedseek.wire.arrays import to_arrays
 
 RNG = np.random.default_rng(0)
 GLOBAL = {"layer.lora_A.weight": RNG.normal(size=(4, 16)).astype(np.float32),
@@ -86,7 +87,7 @@ def trusted(robust: RobustSettings | None = None, plans: bool = False) -> Adapte
 
 def merged(s: AdapterFedAvg, replies: list[Message]) -> dict[str, np.ndarray]:
     arrays, _ = s.aggregate_train(1, replies)
-    return {k: v.numpy() for k, v in arrays.items()}
+    return to_arrays(arrays)
 
 
 def by_name(s: AdapterFedAvg, server_round: int = 1) -> dict[str, dict]:
@@ -120,7 +121,7 @@ def test_a_non_finite_aggregate_is_never_published_the_round_keeps_the_previous_
     s.sent = {k: v.copy() for k, v in GLOBAL.items()}
     arrays, _ = s.aggregate_train(3, [reply(11, honest(11)), reply(15, flipped(15, -1e30), examples=1e300)])
     for name, value in GLOBAL.items():
-        np.testing.assert_array_equal(arrays[name].numpy(), value)
+        np.testing.assert_array_equal(to_arrays(arrays)[name], value)
     assert "non-finite aggregate" in s.aggregate_log[3] and "keeps the previous adapter" in s.aggregate_log[3]
 
 

@@ -26,6 +26,7 @@ from fedseek.data.loader import read_labelled_file
 from fedseek.models.classifier import AdapterClassifier
 from fedseek.models.lora import trainable_state
 from fedseek.resources import resource_path
+from fedseek.wire.arrays import to_arrays
 
 LABELS = ["card_arrival", "card_linking", "exchange_rate", "lost_or_stolen_card", "pin_blocked"]
 SECRET = "MRN-0042-SMITH"
@@ -77,7 +78,7 @@ def call(kind: str, site, config: dict, ctx: Context) -> RecordDict:
 
 
 def released(reply: RecordDict) -> dict[str, np.ndarray]:
-    return {k: np.array(v.numpy()) for k, v in reply["arrays"].items()}
+    return to_arrays(reply["arrays"])
 
 
 def differ(a: dict, b: dict) -> bool:

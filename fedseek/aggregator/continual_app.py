@@ -39,7 +39,7 @@ from fedseek.continual.report import cl_summary, heatmap_png
 from fedseek.data.plan import job_data, period_names
 from fedseek.models.adapted import adapted_model, encode_rows
 from fedseek.models.lora import load_trainable_state, trainable_state
-from fedseek.wire.arrays import to_record, to_tensors
+from fedseek.wire.arrays import to_arrays, to_record, to_tensors
 from fedseek.wire.replies import ReplyError, ValidationReply
 
 logger = logging.getLogger("fedseek")
@@ -147,7 +147,7 @@ class ContinualRunner:
         less than the plan); None if no reply was usable (the period is then not consolidated)."""
         messages = [Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=node,
                             message_type="train.fisher") for node in self.grid.get_node_ids() if node in self.nodes]
-        origin, reference = reply_origin(messages), {k: v.numpy() for k, v in arrays.items()}
+        origin, reference = reply_origin(messages), to_arrays(arrays)
         limit = update_byte_limit(job.robust, reference)
         fishers, weights, log = [], [], []
         for reply in self.grid.send_and_receive(messages):

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from fedseek.aggregator.robust import validate_fisher
 from fedseek.privacy.accountant import default_delta
 from fedseek.privacy.planning import job_round_release
+from fedseek.wire.arrays import to_arrays
 from fedseek.wire.replies import FisherReply, ReplyError, TrainReply, claimed_institution, reported, wire_key
 
 
@@ -157,7 +158,7 @@ def fisher_reply(reply, node: int, nodes: dict[int, str], trust: ReplyTrust, ref
         if weight <= 0:
             reasons.append(note)
         try:
-            fisher = {k: v.numpy() for k, v in content["arrays"].items()}
+            fisher = to_arrays(content["arrays"])
             reasons.append(validate_fisher(fisher, reference, limit))
         except Exception as err:  # noqa: BLE001 - anything the wire format cannot turn into arrays
             reasons.append(f"unreadable tensors: {err}")

@@ -31,7 +31,7 @@ from fedseek.aggregator.reply_trust import ReplyTrust, charge
 from fedseek.aggregator.robust import (RobustAggregate, clip_delta, delta_norm, norm_outliers, update_byte_limit,
                                       validate_update)
 from fedseek.config import CompressionSettings, RobustSettings
-from fedseek.wire.arrays import to_record
+from fedseek.wire.arrays import to_arrays, to_record
 from fedseek.wire.compression import apply_delta, decode
 from fedseek.wire.replies import ARRAYS, ReplyError, TrainReply, claimed_institution, reported, wire_key
 
@@ -73,7 +73,7 @@ class AdapterFedAvg(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        self.sent = {k: v.numpy() for k, v in arrays.items()}
+        self.sent = to_arrays(arrays)
         self._wait_for_rejoining(grid)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         if self.node_names is not None:
@@ -103,7 +103,7 @@ class AdapterFedAvg(FedAvg):
         except ReplyError as err:
             return None, f"malformed reply: {err}"
         try:
-            raw = {k: v.numpy() for k, v in content[ARRAYS].items()}
+            raw = to_arrays(content[ARRAYS])
         except Exception as err:  # noqa: BLE001 - anything the wire format cannot turn into arrays
             return None, f"unreadable tensors: {err}"
         wire = int(sum(a.nbytes for a in raw.values()))

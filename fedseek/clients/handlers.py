@@ -37,7 +37,7 @@ from fedseek.models.adapted import EncodedRecords, adapted_model, encode_rows
 from fedseek.models.lora import load_trainable_state, trainable_state
 from fedseek.privacy.accountant import default_delta, epsilon
 from fedseek.privacy.planning import reserved_releases
-from fedseek.wire.arrays import to_record, to_tensors
+from fedseek.wire.arrays import to_arrays, to_record, to_tensors
 from fedseek.wire.compression import compress, delta_between
 from fedseek.wire.replies import CensusReply, FisherReply, TrainReply, ValidationReply
 
@@ -157,7 +157,7 @@ def upload(trained: dict[str, np.ndarray], received: dict[str, np.ndarray], cont
     against the received global adapter (the encoding error kept in the node state for next round)."""
     if not settings.enabled:
         return trained
-    residual = ({k: v.numpy() for k, v in context.state[COMPRESSION_STATE].items()}
+    residual = (to_arrays(context.state[COMPRESSION_STATE])
                 if COMPRESSION_STATE in context.state else None)
     payload, residual = compress(delta_between(trained, received), settings, residual)
     if residual:
@@ -206,7 +206,7 @@ def train_round(content: RecordDict, context: Context) -> RecordDict:
     if result.history:
         _save_history(context, job, result.history)
     trained = {k: v.numpy() for k, v in trainable_state(trainer.classifier.model).items()}
-    received = {k: np.asarray(v.numpy()) for k, v in content["arrays"].items()}
+    received = to_arrays(content["arrays"])
     sent = upload(trained, received, context, job.compression)
     arrays = to_record(sent)
     # training losses are computed on private records without clipping or noise: under DP they are
