@@ -21,7 +21,7 @@ from fedseek.aggregator.period import Period, reply_trust, run_period
 from fedseek.aggregator.rounds import Reporter, SilentReporter
 from fedseek.aggregator.strategy import reply_origin
 from fedseek.config import JobConfig
-from fedseek.data.plan import federated_data
+from fedseek.data.plan import federated_data, job_data
 from fedseek.data.tasks import FederatedData
 from fedseek.models.adapted import adapted_model, encode_rows
 from fedseek.models.lora import load_trainable_state, trainable_state
@@ -42,7 +42,7 @@ def run_federation(grid: Grid, job: JobConfig, reporter: Reporter | None = None,
     (without them, i.e. in simulation, a census binds each node id to its institution first);
     `resume`: a `fedseek.platform.store.resume.ResumePoint` (rounds 1..k committed): go on from round k+1."""
     started = time.time()
-    data = federated_data(job)
+    data = job_data(job)  # (simulation: also each institution's own file, see `job_data`)
     classifier = adapted_model(job, len(data.label_names))
     test = encode_rows(classifier, data.test)
     initial = classifier.evaluate(test)

@@ -32,7 +32,7 @@ from fedseek.config import PERIOD_SEPARATOR, CompressionSettings, JobConfig
 from fedseek.continual.ewc import EWCState
 from fedseek.data.loader import LabelledTexts, read_labelled_file
 from fedseek.data.periods import Period, split_validation
-from fedseek.data.plan import job_data
+from fedseek.data.plan import institution_rows
 from fedseek.models.adapted import EncodedRecords, adapted_model, encode_rows
 from fedseek.models.lora import load_trainable_state, trainable_state
 from fedseek.privacy.accountant import default_delta, epsilon
@@ -67,12 +67,10 @@ _site_cache: dict[tuple, tuple[str, EncodedRecords, EncodedRecords]] = {}
 def _site_rows(job: JobConfig, node_config: dict, label_names: list[str],
                active: list[int] | None) -> tuple[str, LabelledTexts, LabelledTexts]:
     """(institution, train rows, validation rows) of the job's period(s). Deployment: the node's
-    own `data-path` file; simulation: partition `partition-id`, split exactly as the server did."""
+    own `data-path` file; simulation: partition `partition-id`, as the server split it."""
     path = node_config.get("data-path")
     if not path:
-        pid = int(node_config["partition-id"])
-        data = job_data(job)
-        return data.institutions[pid], data.train[pid], (data.validation or [None] * (pid + 1))[pid]
+        return institution_rows(job, int(node_config["partition-id"]))
     d = job.data
     rows = read_labelled_file(path, d.prompt_column if d.causal_lm else d.text_column, d.label_column,
                               d.period_column, label_names=label_names, encoding=d.encoding,

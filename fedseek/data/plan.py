@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
+import os
+import shutil
 from functools import lru_cache
 from pathlib import Path
 
@@ -49,7 +52,66 @@ def _load(arguments: tuple, fingerprint: str):
 def job_data(job: JobConfig, period: str | None = None):
     """The job's `FederatedData`; with periods, only the records of `period` (default: the job's
     own period(s)), split into train/validation per institution. Server and institutions derive
-    the same split from the same config."""
+    the same split from the same config; in a simulation (`SPLIT_DIR`) each institution's part is
+    also written to its own file, which that institution then reads alone (`institution_rows`)."""
+    data = _job_data(job, period)
+    if os.environ.get(SPLIT_DIR):
+        _save_split(data, _split_dir(job if period is None else _with_period(job, period)))
+    return data
+
+
+def institution_rows(job: JobConfig, index: int):
+    """(name, train rows, validation rows or None) of simulated institution `index` in the job's
+    period(s): the file the coordinator wrote when it split the data, else derived as it does."""
+    directory = _split_dir(job)
+    if directory is not None and (directory / f"{index}.json").exists():
+        saved = json.loads((directory / f"{index}.json").read_text())
+        return saved["institution"], _rows(saved["train"]), _rows(saved["validation"]) if saved["validation"] else None
+    data = job_data(job)
+    return data.institutions[index], data.train[index], (data.validation or [None] * (index + 1))[index]
+
+
+SPLIT_DIR = "FEDSEEK_SPLIT_DIR"  # set by the simulation runner: a directory private to the run
+
+
+def _with_period(job: JobConfig, period: str) -> JobConfig:
+    return dataclasses.replace(job, data=dataclasses.replace(job.data, period=period))
+
+
+def _split_dir(job: JobConfig) -> Path | None:
+    root = os.environ.get(SPLIT_DIR)
+    if not root:
+        return None
+    identity = repr((job.data, job.federation.seed, job.federation.institutions))
+    return Path(root) / hashlib.sha256(identity.encode()).hexdigest()[:16]
+
+
+def _save_split(data, directory: Path) -> None:
+    if directory.exists():
+        return
+    staging = directory.with_name(directory.name + f".{os.getpid()}.tmp")
+    staging.mkdir(parents=True, exist_ok=True)
+    for k, name in enumerate(data.institutions):
+        held = data.validation[k] if data.validation else None
+        (staging / f"{k}.json").write_text(json.dumps({"institution": name, "train": _fields(data.train[k]),
+                                                       "validation": _fields(held) if held is not None else None}))
+    try:
+        staging.rename(directory)  # whole or not at all: a reader never sees a partial split
+    except OSError:  # another process wrote the same split first
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _fields(rows) -> dict:
+    return {**dataclasses.asdict(rows), "labels": [int(x) for x in rows.labels]}
+
+
+def _rows(fields: dict):
+    from fedseek.data.loader import LabelledTexts
+
+    return LabelledTexts(**{**fields, "labels": np.asarray(fields["labels"], dtype=np.int64)})
+
+
+def _job_data(job: JobConfig, period: str | None):
     from fedseek.data.periods import plan_periods, split_validation
 
     data = federated_data(job)

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 
 from fedseek.config import JobConfig
+from fedseek.data.plan import SPLIT_DIR
 from fedseek.quiet import quiet_environment
 
 
@@ -33,14 +36,25 @@ def simulate(job: JobConfig, reporter=None, cpus_per_client: float | None = None
     # always a private Ray instance: never join a cluster found on this machine (e.g. a site's Ray
     # head that `ray start` advertised in /tmp/ray/ray_current_cluster)
     os.environ["RAY_ADDRESS"] = "local"
-    run_simulation(
-        server_app=make_server_app(job, reporter, run_and_keep), client_app=client_app,
-        num_supernodes=job.federation.institutions,
-        backend_config={"client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
-                        "init_args": {"num_cpus": int(os.cpu_count() or 1), "log_to_driver": verbose,
-                                      "include_dashboard": False}},
-        verbose_logging=verbose,
-    )
+    # the coordinator writes each institution's records to its own file in a directory private to
+    # this run (0700, removed at the end); a simulated institution reads only its own
+    splits = tempfile.mkdtemp(prefix="fedseek-split-")
+    previous, os.environ[SPLIT_DIR] = os.environ.get(SPLIT_DIR), splits
+    try:
+        run_simulation(
+            server_app=make_server_app(job, reporter, run_and_keep), client_app=client_app,
+            num_supernodes=job.federation.institutions,
+            backend_config={"client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
+                            "init_args": {"num_cpus": int(os.cpu_count() or 1), "log_to_driver": verbose,
+                                          "include_dashboard": False}},
+            verbose_logging=verbose,
+        )
+    finally:
+        shutil.rmtree(splits, ignore_errors=True)
+        if previous is None:
+            os.environ.pop(SPLIT_DIR, None)
+        else:
+            os.environ[SPLIT_DIR] = previous
     if "report" not in kept:
         raise SimulationError("the federation did not finish; rerun with --verbose to see the "
                               "ServerApp/ClientApp errors")
