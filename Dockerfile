@@ -69,8 +69,12 @@ RUN set -eux; \
     mkdir -p /app/runs /var/lib/fedseek /var/lib/fedseek-site /mlflow/artifacts /data /models; \
     chown fedseek:fedseek /app/runs /var/lib/fedseek /var/lib/fedseek-site /mlflow/artifacts
 USER fedseek
+# FLWR_TELEMETRY_ENABLED=0: no usage events leave a hospital's or bank's host; RAY_worker_niceness=0:
+# Ray starts its workers at nice 15 by default, which hands a site's training to any other process
 ENV FEDSEEK_HOME=/var/lib/fedseek \
-    HF_HUB_OFFLINE=1
+    HF_HUB_OFFLINE=1 \
+    FLWR_TELEMETRY_ENABLED=0 \
+    RAY_worker_niceness=0
 
 ENTRYPOINT ["fedseek"]
 CMD ["--help"]

@@ -376,6 +376,7 @@ def test_dockerfile():
     assert users and users[-1] not in ("root", "0")
     assert re.search(r'^ENTRYPOINT \["fedseek"\]$', text, re.M)
     assert re.search(r"^WORKDIR /app$", text, re.M)  # `fedseek deploy run` finds the Flower app in its cwd
+    assert "FLWR_TELEMETRY_ENABLED=0" in text and "RAY_worker_niceness=0" in text  # no events out; training not demoted
     # named volumes start with the owner of the image directory they are mounted on: every mount
     # point of a named volume of the fedseek image must be created and chowned for the service user
     chowned = set(re.search(r"chown fedseek:fedseek ([^\n;]+)", text).group(1).split())
