@@ -19,6 +19,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # platform state of every job the tests run (and of their subprocesses) goes to a throw-away home,
 # never ~/.fedseek; tests that check budgets set their own
 os.environ.setdefault("FEDSEEK_HOME", tempfile.mkdtemp(prefix="fedseek-test-home-"))
+if os.environ.get("PYTEST_XDIST_WORKER"):  # parallel workers inherit the controller's home: one each
+    os.environ["FEDSEEK_HOME"] = os.path.join(os.environ["FEDSEEK_HOME"], os.environ["PYTEST_XDIST_WORKER"])
 os.environ.setdefault("FEDSEEK_DEFAULT_EPSILON_MAX", "1000000")
 
 ARCHITECTURES = ("deepseek_v2", "deepseek_v3", "qwen2", "llama")
@@ -179,3 +181,20 @@ def db_url(request, tmp_path):
         connection.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
     engine.dispose()
     return url
+
+
+# --- parallel runs (pytest-xdist, `scripts/test.sh` runs `-n 3 --dist loadgroup`) ---
+
+FEDERATION_GROUP = "federation"  # modules that start a LocalFederation: one at a time, on one worker
+
+
+@pytest.hookimpl(wrapper=True)  # around xdist's own hook, which reads the groups (tryfirst is too late)
+def pytest_collection_modifyitems(config, items):
+    """Each module's tests run on one worker (they share module-scoped real servers and jobs); the
+    modules marked `xdist_group("federation")` share one worker and run one after another: each
+    `LocalFederation` starts a Ray head on Ray's default side ports, and `deployment` is one
+    federation shared by several modules."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    return (yield)

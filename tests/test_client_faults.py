@@ -31,6 +31,8 @@ from sqlalchemy import create_engine, text
 
 from fedseek.platform.deploy.local import deploy_command
 
+pytestmark = pytest.mark.xdist_group("federation")  # conftest.FEDERATION_GROUP: one federation at a time
+
 SITES = ("bank_a", "bank_b", "bank_c")
 ROUND_TIMEOUT = 90  # >= 1.9x a cold first round, >= 4x a warm one (module docstring)
 CENSUS_TIMEOUT = 60  # waited out when an institution is down: >= 3.5x a warm census

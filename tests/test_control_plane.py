@@ -25,6 +25,8 @@ from fedseek.platform.deploy.control_plane import REFUSAL
 from fedseek.platform.deploy.local import BIN, LocalFederation, free_port
 from fedseek.platform.deploy.stack import write_flwr_config
 
+pytestmark = pytest.mark.xdist_group("federation")  # conftest.FEDERATION_GROUP: one federation at a time
+
 FOREIGN_APP = {
     "pyproject.toml": """[build-system]
 requires = ["hatchling"]

@@ -15,6 +15,8 @@ from sqlalchemy import create_engine, text
 
 from fedseek.platform.deploy.local import BIN, deploy_command, free_port
 
+pytestmark = pytest.mark.xdist_group("federation")  # conftest.FEDERATION_GROUP: one federation at a time
+
 SITES = ("bank_a", "bank_b", "bank_c")
 ROWS_PER_SITE = 160  # conftest.sqlite_federation's records per site
 TEST_ROWS = 300  # the coordinator evaluates on a seeded subset of the test set (all 3080 rows: ~10 s a round)

@@ -12,6 +12,8 @@ import time
 import psutil
 import pytest
 
+pytestmark = pytest.mark.xdist_group("federation")  # conftest.FEDERATION_GROUP: one federation at a time
+
 SITES = ("bank_a", "bank_b", "bank_c")
 
 

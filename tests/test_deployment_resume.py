@@ -19,6 +19,8 @@ from sqlalchemy import create_engine, text
 
 from fedseek.platform.deploy.local import deploy_command
 
+pytestmark = pytest.mark.xdist_group("federation")  # conftest.FEDERATION_GROUP: one federation at a time
+
 SITES = ("bank_a", "bank_b", "bank_c")
 
 
