@@ -188,7 +188,7 @@ def db_url(request, tmp_path):
 FEDERATION_GROUP = "federation"  # modules that start a LocalFederation: one at a time, on one worker
 
 
-@pytest.hookimpl(wrapper=True)  # around xdist's own hook, which reads the groups (tryfirst is too late)
+@pytest.hookimpl(wrapper=True)  # the marks are set before any other plugin's hook (xdist's reads them)
 def pytest_collection_modifyitems(config, items):
     """Each module's tests run on one worker (they share module-scoped real servers and jobs); the
     modules marked `xdist_group("federation")` share one worker and run one after another: each

@@ -46,11 +46,11 @@ def unpack(blob: bytes) -> dict[str, np.ndarray]:
     for name, dtype, shape in entries:
         if dtype not in DTYPES or any(n < 0 for n in shape):
             raise WireFormatError(f"packed arrays: tensor {name!r} has dtype {dtype} shape {shape}")
-        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        count = math.prod(shape)  # Python ints: a huge claimed shape cannot overflow
+        nbytes = count * np.dtype(dtype).itemsize
         if name in out or offset + nbytes > len(blob):
             raise WireFormatError(f"packed arrays: tensor {name!r} is repeated or runs past the data")
-        out[name] = np.frombuffer(blob, dtype=dtype, count=nbytes // np.dtype(dtype).itemsize,
-                                  offset=offset).reshape(shape).copy()
+        out[name] = np.frombuffer(blob, dtype=dtype, count=count, offset=offset).reshape(shape).copy()
         offset += nbytes
     if offset != len(blob):
         raise WireFormatError(f"packed arrays: {len(blob) - offset} trailing bytes")
