@@ -92,8 +92,11 @@ def deployment(request, tmp_path_factory):
         request.config.add_cleanup(close)  # a safety net: pytest's end
         _SHARED["federation"] = _SHARED["stack"].enter_context(sqlite_federation(
             tmp_path_factory.mktemp("deployment"), mlflow_server=True, extra_keys=("rogue",)))
+    federation = _SHARED["federation"]
+    for name in [name for name in federation.named if name.startswith("supernode-")]:
+        federation.wait_connected(name)  # one that died since an earlier module is started again
     try:
-        yield _SHARED["federation"]
+        yield federation
     finally:
         items = request.session.items
         last = max(i for i, item in enumerate(items) if item.module is request.module)

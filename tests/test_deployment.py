@@ -34,7 +34,7 @@ def test_two_round_dp_job_over_tls_with_node_auth_is_recorded_by_the_platform(fe
                           "--rounds", "2", "--local-steps", "2", "--epsilon", "4", "--out", str(root / "job1"),
                           "--census-timeout", "300", "--set", f"data.max_test_rows={TEST_ROWS}", timeout=1200)
     print(f"deployed 2-round job: {time.monotonic() - started:.0f} s")
-    logs = "\n".join(federation.log(n)[-1500:] for n in ("serverapp", "supernode-bank_a"))
+    logs = "\n".join(federation.log(n)[-1500:] for n in ("serverapp", *(f"supernode-{s}" for s in SITES)))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:] + logs
     assert (root / "job1" / "report.json").is_file(), proc.stdout[-3000:] + logs
     report = json.loads((root / "job1" / "report.json").read_text())

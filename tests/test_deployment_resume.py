@@ -7,6 +7,7 @@ processes on 127.0.0.1), shared with test_deployment.py (conftest.deployment): t
 queried by its id."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -70,7 +71,8 @@ def test_a_killed_serverapp_is_resumed_on_the_deployment(federation):
             killed.append(" ".join(child.cmdline())[:200])
             child.kill()
     finally:
-        os.killpg(first.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # already gone: e.g. the job failed on its own
+            os.killpg(first.pid, signal.SIGKILL)
         first.wait()
     assert killed, "no ServerApp process found under the SuperExec"
     _, status, rounds, _ = db_state(url, job_id)

@@ -209,6 +209,22 @@ class LocalFederation:
             self.wait_port(port, self.named[f"supernode-{name}"][1], f"supernode-{name}")
             self.spawn(f"clientapp-{name}", deploy_command("clientapp", "--supernode", f"127.0.0.1:{port}",
                                                            "--local-certs", f"site-{name}"))
+        for name in sites:
+            self.wait_connected(f"supernode-{name}")
+
+    def wait_connected(self, name: str, timeout: float = 300, patience: float = 120) -> None:
+        """Until the SuperNode `name` runs and is activated on the SuperLink (its log shows its node
+        id). Its Runtime API port opens before it dials the SuperLink, and a SuperNode exits when
+        activation fails with an error Flower does not retry (an HTTP 500, a TLS error): an exited
+        one, or one still not activated after `patience` s, is started again, as the compose
+        restart policy does."""
+        deadline, stalled = time.monotonic() + timeout, time.monotonic() + patience
+        while "SuperNode ID: " not in self.log(name) or self.named[name][1].poll() is not None:
+            if self.named[name][1].poll() is not None or time.monotonic() > stalled:
+                self.kill(name)
+                self.restart(name, timeout=max(deadline - time.monotonic(), 1))
+                return
+            time.sleep(0.5)
 
     def stop(self) -> None:
         for proc in reversed(self.processes):
