@@ -87,6 +87,32 @@ def test_a_node_may_only_report_the_institution_its_key_was_registered_as(tmp_pa
         bind_node(session, "hospital_c", 111, "c" * 64, 8.0)
 
 
+def test_a_census_short_of_institutions_names_the_registered_ones_not_connected(tmp_path):
+    """`deploy run`'s census error tells the operator which SuperNodes to check: the registered
+    institutions whose node is not online (a real SQLite platform DB; the grid is the SuperLink's
+    node list, here one of three registered nodes)."""
+    from fedseek.aggregator.server_app import CensusError
+    from fedseek.config import JobConfig
+    from fedseek.platform.run.jobs import run_deployed
+    from fedseek.platform.store.db import session_scope
+    from fedseek.platform.store.nodes import bind_node
+    from fedseek.platform.store.settings import PlatformSettings
+
+    class OneNodeGrid:
+        def get_node_ids(self):
+            return [111]
+
+    settings = PlatformSettings(db_url=f"sqlite:///{tmp_path / 'platform.db'}", home=tmp_path)
+    with session_scope(settings.database_url) as session:
+        for name, node in (("hospital_a", 111), ("hospital_b", 222), ("hospital_c", 333)):
+            bind_node(session, name, node, name[-1] * 64, 8.0)
+    job = JobConfig()
+    job.federation.institutions = 3
+    with pytest.raises(CensusError, match=r"1 of 3 institutions connected.*registered but not connected: "
+                                          r"hospital_b \(node 222\), hospital_c \(node 333\)$"):
+        run_deployed(OneNodeGrid(), job, census_timeout=0.1, settings=settings)
+
+
 def test_coordinator_commands_refuse_an_example_db_password(tmp_path):
     from typer.testing import CliRunner
 

@@ -69,7 +69,12 @@ class RecordCount:
 
 
 class CensusError(RuntimeError):
-    """Not enough institutions connected, or one refused the census, or a census reply is unusable."""
+    """Not enough institutions connected, or one refused the census, or a census reply is unusable.
+    `online`: the node ids that were connected when too few were."""
+
+    def __init__(self, message: str, online: tuple[int, ...] | None = None):
+        super().__init__(message)
+        self.online = online
 
 
 def census_site(reply: Message, node: int) -> tuple[str, int]:
@@ -99,7 +104,7 @@ def census(grid: Grid, job: JobConfig, timeout: float = 300.0, expected: Federat
         nodes = list(grid.get_node_ids())
     if len(nodes) < needed:
         raise CensusError(f"{len(nodes)} of {wanted} institutions connected after {timeout:.0f}s (the job needs "
-                          f"{needed}); check their SuperNodes")
+                          f"{needed}); check their SuperNodes", online=tuple(nodes))
     config = config or ConfigRecord({**job.to_flat(), "label-names": list(data.label_names)})
     messages = [Message(RecordDict({"config": config}), dst_node_id=node, message_type="query.census")
                 for node in nodes]

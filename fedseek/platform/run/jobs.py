@@ -89,8 +89,8 @@ def run_deployed(grid, job: JobConfig, census_timeout: float = 300.0, settings=N
     """The ServerApp side of `fedseek deploy run`: census of the connected institutions, node
     identity check, privacy pre-flight from the census counts (or, with `resume_job`, the
     interrupted job's state from the platform DB), then the tracked federated job."""
-    from fedseek.aggregator.server_app import census, run_federation
-    from fedseek.platform.store.nodes import verify_node_identities
+    from fedseek.aggregator.server_app import CensusError, census, run_federation
+    from fedseek.platform.store.nodes import registered_but_offline, verify_node_identities
     from fedseek.platform.run.reporter import PlatformReporter
     from fedseek.platform.store.resume import load_resume_point
 
@@ -102,7 +102,13 @@ def run_deployed(grid, job: JobConfig, census_timeout: float = 300.0, settings=N
         raise ResumeError(f"job {resume_job} was simulated: resume it with `fedseek jobs resume {resume_job}`")
     job = point.job if point else job
     refuse_reproducible_noise(job, deployed=True)
-    sites, node_ids = census(grid, job, census_timeout)
+    try:
+        sites, node_ids = census(grid, job, census_timeout)
+    except CensusError as err:
+        missing = registered_but_offline(reporter.db, err.online) if err.online is not None else []
+        if missing:  # the operator's next step: which institutions' SuperNodes to check
+            raise CensusError(f"{err}; registered but not connected: {', '.join(missing)}", err.online) from None
+        raise
     verify_node_identities(reporter.db, node_ids)
     if point:
         reporter.attach(point)

@@ -4,6 +4,7 @@ registered node from training, and spending budget, under another institution's 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from pathlib import Path
 
 from sqlalchemy import select
@@ -48,3 +49,12 @@ def verify_node_identities(db_url: str, node_ids: dict[str, int]) -> None:
                 problems.append(f"node {node} reports institution {name!r}, registered as node {row.node_id}")
     if problems:
         raise NodeIdentityError("; ".join(problems))
+
+
+def registered_but_offline(db_url: str, online: Iterable[int]) -> list[str]:
+    """'name (node id)' of each registered institution whose node is not among `online`."""
+    online = {str(node) for node in online}
+    with session_scope(db_url) as session:
+        rows = session.scalars(select(Institution).where(Institution.node_id.is_not(None))
+                               .order_by(Institution.name))
+        return [f"{row.name} (node {row.node_id})" for row in rows if row.node_id not in online]
