@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import numpy as np
 import pytest
@@ -67,3 +68,25 @@ def test_without_a_split_directory_nothing_is_written(tmp_path, monkeypatch):
     job = jobs()[0]
     name, train, _ = institution_rows(job, 2)
     assert name == job_data(job).institutions[2] and list(tmp_path.iterdir()) == []
+
+
+def test_a_killed_simulations_split_directory_is_removed_by_the_next_one(tmp_path, monkeypatch):
+    """A `simulate` killed before its clean-up leaves its institutions' records in its split
+    directory; the next `simulate` removes every such directory whose process is gone and keeps
+    those of running simulations (and anything not named as a split directory)."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from fedseek.platform.run.simulation import SPLIT_PREFIX, remove_orphaned_splits
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a process id that no longer runs: the killed simulation's
+    orphaned, running = tmp_path / f"{SPLIT_PREFIX}{gone.pid}-abc", tmp_path / f"{SPLIT_PREFIX}{os.getpid()}-def"
+    other = tmp_path / f"{SPLIT_PREFIX}notapid"
+    for directory in (orphaned, running, other):
+        directory.mkdir()
+        (directory / "0.json").write_text("[]")
+    assert remove_orphaned_splits() == [orphaned]
+    assert not orphaned.exists() and (running / "0.json").is_file() and other.is_dir()

@@ -5,14 +5,44 @@ import logging
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 from fedseek.config import JobConfig
 from fedseek.data.plan import SPLIT_DIR
 from fedseek.quiet import quiet_environment
 
 
+SPLIT_PREFIX = "fedseek-split-"  # + the owning process id + "-" + mkdtemp's suffix
+
+
 class SimulationError(RuntimeError):
     """The federation did not finish (a ServerApp or ClientApp failed)."""
+
+
+def remove_orphaned_splits() -> list[Path]:
+    """Remove this user's split directories whose `simulate` process is gone (killed before its
+    clean-up: the institutions' records must not stay behind); returns them."""
+    removed = []
+    for path in Path(tempfile.gettempdir()).glob(f"{SPLIT_PREFIX}*-*"):
+        pid = path.name[len(SPLIT_PREFIX):].split("-", 1)[0]
+        try:
+            if not pid.isdigit() or path.stat().st_uid != os.getuid() or _alive(int(pid)):
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def simulate(job: JobConfig, reporter=None, cpus_per_client: float | None = None,
@@ -38,7 +68,8 @@ def simulate(job: JobConfig, reporter=None, cpus_per_client: float | None = None
     os.environ["RAY_ADDRESS"] = "local"
     # the coordinator writes each institution's records to its own file in a directory private to
     # this run (0700, removed at the end); a simulated institution reads only its own
-    splits = tempfile.mkdtemp(prefix="fedseek-split-")
+    remove_orphaned_splits()
+    splits = tempfile.mkdtemp(prefix=f"{SPLIT_PREFIX}{os.getpid()}-")
     previous, os.environ[SPLIT_DIR] = os.environ.get(SPLIT_DIR), splits
     try:
         run_simulation(
