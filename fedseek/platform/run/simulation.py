@@ -9,6 +9,7 @@ from pathlib import Path
 
 from fedseek.config import JobConfig
 from fedseek.data.plan import SPLIT_DIR
+from fedseek.platform.store.resume import process_alive
 from fedseek.quiet import quiet_environment
 
 
@@ -26,23 +27,13 @@ def remove_orphaned_splits() -> list[Path]:
     for path in Path(tempfile.gettempdir()).glob(f"{SPLIT_PREFIX}*-*"):
         pid = path.name[len(SPLIT_PREFIX):].split("-", 1)[0]
         try:
-            if not pid.isdigit() or path.stat().st_uid != os.getuid() or _alive(int(pid)):
+            if not pid.isdigit() or path.stat().st_uid != os.getuid() or process_alive(int(pid)):
                 continue
         except OSError:
             continue
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def simulate(job: JobConfig, reporter=None, cpus_per_client: float | None = None,

@@ -47,8 +47,13 @@ def _alive_elsewhere(owner_id: str | None) -> bool:
     host, _, pid = owner_id.rpartition(":")
     if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
         return False
+    return process_alive(int(pid))
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this host (another user's counts)."""
     try:
-        os.kill(int(pid), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
