@@ -89,8 +89,10 @@ def test_a_node_may_only_report_the_institution_its_key_was_registered_as(tmp_pa
 
 def test_a_census_short_of_institutions_names_the_registered_ones_not_connected(tmp_path):
     """`deploy run`'s census error tells the operator which SuperNodes to check: the registered
-    institutions whose node is not online (a real SQLite platform DB; the grid is the SuperLink's
-    node list, here one of three registered nodes)."""
+    institutions whose node is not online (a real SQLite platform DB). The grid is a stand-in for
+    Flower's Grid that reports one of three registered nodes online: a real short census needs a
+    federation with a node down and waits out the census timeout (minutes on the suite's critical
+    worker); `test_client_faults.py` runs that path on real processes with `--min-institutions`."""
     from fedseek.aggregator.server_app import CensusError
     from fedseek.config import JobConfig
     from fedseek.platform.run.jobs import run_deployed
