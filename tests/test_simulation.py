@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -14,11 +15,22 @@ import torch
 
 # the server evaluates a seeded subset of the test set (initially and every round; the whole set was
 # most of a small job's time), large enough that learning shows with a wide margin. The LoRA run's
-# gain is the smallest (~0.05 on banking77 against a 0.03 bar), so it gets more rows.
+# gain is the smallest (0.030 to 0.060 on banking77 over 8 runs, 2026-12-03), so it gets more rows.
 TEST_ROWS, LORA_TEST_ROWS = "500", "1000"
 REPORT_KEYS = {"task", "final_accuracy", "rounds", "epsilon", "delta", "noise_multiplier", "sampling_rate",
                "steps", "clip_norm", "adapter_bytes", "base_model_bytes", "trainable_params", "total_params",
                "adapter_dir"}
+
+
+def assert_learned(report: dict, test_rows: str) -> None:
+    """The final accuracy beats the initial one by more than chance allows: a one-sided two-proportion
+    z-test on the evaluated rows at p < 0.001 (z > 3.09). A DP run's gain varies from run to run (its
+    noise is private, never seeded), so a fixed margin either flakes or says nothing; this bar fails
+    only when the gain is indistinguishable from evaluation noise (e.g. 0.01 -> 0.025 on 1,000 rows)."""
+    before, after, rows = report["initial_accuracy"], report["final_accuracy"], int(test_rows)
+    pooled = (before + after) / 2
+    z = (after - before) / math.sqrt(2 * pooled * (1 - pooled) / rows)
+    assert z > 3.09, f"accuracy {before:.3f} -> {after:.3f} on {rows} rows (z = {z:.2f}): no significant gain"
 
 
 def fedseek(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -44,7 +56,7 @@ def test_two_round_dp_simulation_improves_and_reports(banking_run):
     report = banking_run["report"]
     assert REPORT_KEYS <= set(report)
     assert [r["round"] for r in report["rounds"]] == [1, 2]
-    assert report["final_accuracy"] > report["initial_accuracy"] + 0.03
+    assert_learned(report, LORA_TEST_ROWS)
     assert set(report["epsilon"]) == {"bank_a", "bank_b", "bank_c"}
     assert all(0 < e <= 8.0 + 1e-3 for e in report["epsilon"].values())
     first, second = report["rounds"]
