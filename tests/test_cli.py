@@ -37,3 +37,18 @@ def test_help_lists_commands():
     assert proc.returncode == 0 and "simulate" in proc.stdout
     proc = fedseek("simulate", "--help")
     assert "--epsilon" in proc.stdout and "--no-dp" in proc.stdout and "--ffa" in proc.stdout
+
+
+def test_a_bad_file_is_refused_before_torch_is_loaded(tmp_path):
+    """Checking the data comes before loading torch/transformers/opacus (seconds per process), so a
+    wrong column or encoding is reported at once; fails if the pre-flight imports the model first."""
+    path = tmp_path / "notes.csv"
+    path.write_text("words,label\nhello,a\n")
+    code = ("import sys\nfrom fedseek.platform.cli.main import app\n"
+            f"try:\n    app(['simulate', '--data', {str(path)!r}, '--out', {str(tmp_path / 'out')!r}])\n"
+            "except SystemExit as exit_:\n"
+            "    print('exit', exit_.code, [m for m in ('torch', 'transformers', 'opacus') if m in sys.modules])\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert "column 'text' (--text-column) not found" in " ".join(proc.stderr.split()), proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "exit 2 []", proc.stdout + proc.stderr

@@ -80,10 +80,9 @@ def _preflight(job, given: set[str] = frozenset()):
     (and trainable under DP); the recipe's rule fills the DP hyper-parameters the user left out."""
     from fedseek.clients.recipe import apply_generative_rule, apply_rule
     from fedseek.data.plan import federated_data
-    from fedseek.models.adapted import adapted_model
 
     apply_generative_rule(job, given)
-    data = federated_data(job)
+    data = federated_data(job)  # before torch is imported: a bad file is refused in a fraction of a second
     apply_rule(job, [len(t) for t in data.train], given)
     if job.data.data_dir:
         job.federation.institutions = len(data.institutions)
@@ -92,6 +91,8 @@ def _preflight(job, given: set[str] = frozenset()):
 
         period_names(job)  # the scheme applies to this data (>= 2 periods)
         job.data.period = ""
+    from fedseek.models.adapted import adapted_model
+
     model = adapted_model(job, len(data.label_names))  # loadable, LoRA targets match (LoraTargetError)
     if job.privacy.enabled:  # every trainable tensor must get per-sample gradients, or no DP job starts
         from fedseek.clients.dp_trainer import LocalTrainer
